@@ -1,0 +1,269 @@
+"""Fetch, convert and cache the embedded datasets (``python -m isda.data.prepare``).
+
+Sources are registry packages, fetched with pip:
+
+* ``nuclei``: the ``stardist`` wheel's ``stardist/data/images/img2d.tif`` (512x512 uint16
+  fluorescence image) and ``mask2d.tif`` (uint16 label image, 125 nuclei). Converted to COCO
+  JSON with RLE masks: ``nuclei_train`` = 8 tiles (128 rows x 176 columns) from columns 0-351,
+  instances clipped to their tile; ``nuclei_val`` = columns 384-511 as one 512x128 image,
+  instances whose mask lies mostly (> 50 %) inside kept and clipped, the remaining fragments
+  marked ``iscrowd`` (ignored by COCO evaluation). Columns 352-383 are a guard band.
+* ``voc_sample``: the ``labelme`` sdist's ``examples/instance_segmentation/data_dataset_coco``
+  (3 VOC photos, 12 polygon instances), with the ``_background_`` category dropped.
+
+Everything lands in ``$ISDA_DATASETS`` (default ``datasets/`` in the repository) with a
+``MANIFEST.json`` of sha256 checksums; a missing or corrupt file triggers a rebuild of that
+dataset. Writes go to a temporary folder that is renamed into place, so an interrupted run
+never leaves a half-written dataset behind.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .paths import datasets_root
+
+STARDIST_VERSION = "0.9.2"
+LABELME_VERSION = "6.3.1"
+# Bump when a conversion changes: cached datasets built by an older recipe are rebuilt.
+RECIPE = {"nuclei": "1", "voc_sample": "1"}
+
+NUCLEI_TRAIN_COLS = (0, 352)   # [start, stop)
+NUCLEI_VAL_COLS = (384, 512)
+NUCLEI_TILE = (128, 176)       # rows, cols of a training tile
+NUCLEI_CATEGORY = {"id": 1, "name": "nucleus", "supercategory": "cell"}
+
+
+def cache_root() -> Path:
+    return datasets_root() / ".downloads"
+
+
+def log(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# fetching
+# ---------------------------------------------------------------------------------------------
+def pip_download(spec: str, pattern: str, sdist: bool) -> Path:
+    """Download one distribution file with pip into the cache and return its path."""
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    hits = sorted(cache.glob(pattern))
+    if hits:
+        return hits[0]
+    log(f"downloading {spec} from the package registry")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, spec]
+        if sdist:
+            cmd[5:5] = ["--no-binary", ":all:"]
+        else:
+            cmd[5:5] = ["--only-binary", ":all:"]
+        subprocess.run(cmd, check=True)
+        got = sorted(Path(tmp).glob(pattern))
+        if not got:
+            raise RuntimeError(f"pip download {spec} produced no file matching {pattern}")
+        dst = cache / got[0].name
+        shutil.move(str(got[0]), dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO helpers
+# ---------------------------------------------------------------------------------------------
+def encode_rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def mask_annotation(mask: np.ndarray, ann_id: int, image_id: int, iscrowd: int = 0) -> dict:
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return {
+        "id": ann_id, "image_id": image_id, "category_id": NUCLEI_CATEGORY["id"],
+        "segmentation": encode_rle(mask), "area": int(mask.sum()),
+        "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": int(iscrowd),
+    }
+
+
+def to_uint8_rgb(img: np.ndarray) -> np.ndarray:
+    """Percentile-normalise a single-channel microscopy image to 8-bit RGB."""
+    lo, hi = np.percentile(img, (1.0, 99.8))
+    x = np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
+    g = np.round(x * 255).astype(np.uint8)
+    return np.stack([g, g, g], axis=-1)
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------
+# nuclei (stardist)
+# ---------------------------------------------------------------------------------------------
+def load_stardist_arrays():
+    import tifffile
+
+    wheel = pip_download(f"stardist=={STARDIST_VERSION}", "stardist-*.whl", sdist=False)
+    with zipfile.ZipFile(wheel) as zf:
+        img = tifffile.imread(zf.open("stardist/data/images/img2d.tif"))
+        lab = tifffile.imread(zf.open("stardist/data/images/mask2d.tif"))
+    if img.shape != (512, 512) or lab.shape != (512, 512):
+        raise RuntimeError(f"{wheel.name}: unexpected image shapes {img.shape}, {lab.shape}")
+    return img, lab.astype(np.int64), wheel.name
+
+
+def nuclei_tiles():
+    """Training tiles as (row0, row1, col0, col1), row-major."""
+    th, tw = NUCLEI_TILE
+    c0, c1 = NUCLEI_TRAIN_COLS
+    return [(r, r + th, c, c + tw) for r in range(0, 512, th) for c in range(c0, c1, tw)]
+
+
+def build_nuclei(out: Path) -> None:
+    img, lab, src = load_stardist_arrays()
+    rgb = to_uint8_rgb(img)
+    (out / "images").mkdir(parents=True)
+    cats = [NUCLEI_CATEGORY]
+
+    # train: tiles, every instance fragment clipped to its tile
+    images, anns = [], []
+    for i, (r0, r1, c0, c1) in enumerate(nuclei_tiles(), start=1):
+        name = f"train_r{r0:03d}_c{c0:03d}.png"
+        write_png(out / "images" / name, rgb[r0:r1, c0:c1])
+        images.append({"id": i, "file_name": name, "height": r1 - r0, "width": c1 - c0,
+                       "region": [r0, r1, c0, c1]})
+        tile = lab[r0:r1, c0:c1]
+        for inst in np.unique(tile[tile > 0]):
+            anns.append(mask_annotation(tile == inst, len(anns) + 1, i))
+            anns[-1]["instance_label"] = int(inst)
+    dump_json(out / "nuclei_train.json", images, anns, cats, src)
+
+    # val: one image, instances mostly inside kept, others marked crowd (ignored)
+    c0, c1 = NUCLEI_VAL_COLS
+    name = f"val_c{c0:03d}.png"
+    write_png(out / "images" / name, rgb[:, c0:c1])
+    region = lab[:, c0:c1]
+    images = [{"id": 1, "file_name": name, "height": 512, "width": c1 - c0,
+               "region": [0, 512, c0, c1]}]
+    anns = []
+    for inst in np.unique(region[region > 0]):
+        inside = int((region == inst).sum())
+        total = int((lab == inst).sum())
+        anns.append(mask_annotation(region == inst, len(anns) + 1, 1,
+                                    iscrowd=int(inside * 2 <= total)))
+        anns[-1]["instance_label"] = int(inst)
+    dump_json(out / "nuclei_val.json", images, anns, cats, src)
+
+
+def dump_json(path: Path, images, anns, cats, source: str) -> None:
+    data = {"info": {"description": f"ISDA embedded dataset from {source}"},
+            "images": images, "annotations": anns, "categories": cats}
+    path.write_text(json.dumps(data))
+
+
+# ---------------------------------------------------------------------------------------------
+# voc_sample (labelme)
+# ---------------------------------------------------------------------------------------------
+def build_voc_sample(out: Path) -> None:
+    sdist = pip_download(f"labelme=={LABELME_VERSION}", "labelme-*.tar.gz", sdist=True)
+    prefix = f"labelme-{LABELME_VERSION}/examples/instance_segmentation/data_dataset_coco/"
+    (out / "images").mkdir(parents=True)
+    with tarfile.open(sdist) as tf:
+        data = json.load(tf.extractfile(prefix + "annotations.json"))
+        for img in data["images"]:
+            member = tf.extractfile(prefix + img["file_name"])
+            name = Path(img["file_name"]).name
+            (out / "images" / name).write_bytes(member.read())
+            img["file_name"] = name
+    bg = {c["id"] for c in data["categories"] if c["name"] == "_background_"}
+    data["categories"] = [c for c in data["categories"] if c["id"] not in bg]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] not in bg]
+    data.setdefault("info", {})["description"] = f"ISDA embedded dataset from {sdist.name}"
+    (out / "voc_sample.json").write_text(json.dumps(data))
+
+
+BUILDERS = {"nuclei": build_nuclei, "voc_sample": build_voc_sample}
+
+
+# ---------------------------------------------------------------------------------------------
+# cache with checksums
+# ---------------------------------------------------------------------------------------------
+def manifest_ok(folder: Path, name: str) -> bool:
+    man = folder / "MANIFEST.json"
+    try:
+        m = json.loads(man.read_text())
+    except (OSError, ValueError):
+        return False
+    if m.get("recipe") != RECIPE[name]:
+        return False
+    for rel, digest in m.get("files", {}).items():
+        p = folder / rel
+        if not p.is_file() or sha256(p) != digest:
+            log(f"{name}: {rel} is missing or corrupt; rebuilding")
+            return False
+    return bool(m.get("files"))
+
+
+def prepare(name: str, force: bool = False) -> Path:
+    root = datasets_root()
+    folder = root / name
+    if not force and manifest_ok(folder, name):
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        BUILDERS[name](tmp)
+        files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "MANIFEST.json").write_text(
+            json.dumps({"recipe": RECIPE[name], "files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"{name}: built in {folder}")
+    return folder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Fetch and convert ISDA's embedded datasets.")
+    ap.add_argument("names", nargs="*", metavar="NAME",
+                    help=f"datasets to prepare (default: all of {', '.join(BUILDERS)})")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in BUILDERS]
+    if unknown:
+        ap.error(f"unknown dataset(s) {unknown}; known: {list(BUILDERS)}")
+    for name in args.names or list(BUILDERS):
+        folder = prepare(name, force=args.force)
+        log(f"{name}: ok ({folder})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

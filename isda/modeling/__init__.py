@@ -1,0 +1,1 @@
+from .meta_arch import ISDA  # noqa: F401
