@@ -2,6 +2,12 @@
 
 Importing the package registers the ``ISDA`` meta-architecture and the embedded datasets.
 """
+import warnings
+
+# Detectron2 v0.6 scripts a few helpers with torch.jit.script at import time; recent torch
+# deprecates that API with a FutureWarning per call. It is harmless here: keep logs readable.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers the meta-architecture)
 from .config import add_isda_config

@@ -36,7 +36,7 @@ from .paths import datasets_root
 STARDIST_VERSION = "0.9.2"
 LABELME_VERSION = "6.3.1"
 # Bump when a conversion changes: cached datasets built by an older recipe are rebuilt.
-RECIPE = {"nuclei": "1", "voc_sample": "1"}
+RECIPE = {"nuclei": "1", "voc_sample": "2"}
 
 NUCLEI_TRAIN_COLS = (0, 352)   # [start, stop)
 NUCLEI_VAL_COLS = (384, 512)
@@ -202,6 +202,10 @@ def build_voc_sample(out: Path) -> None:
     bg = {c["id"] for c in data["categories"] if c["name"] == "_background_"}
     data["categories"] = [c for c in data["categories"] if c["id"] not in bg]
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] not in bg]
+    # labelme numbers annotations from 0, but pycocotools' matcher treats id 0 as "unmatched"
+    # (it stores matched ids in a zero-initialised array): renumber from 1.
+    for new_id, ann in enumerate(data["annotations"], start=1):
+        ann["id"] = new_id
     data.setdefault("info", {})["description"] = f"ISDA embedded dataset from {sdist.name}"
     (out / "voc_sample.json").write_text(json.dumps(data))
 
