@@ -3,6 +3,59 @@ from detectron2.config import CfgNode as CN
 
 
 def add_isda_config(cfg):
-    """Add ISDA's keys (``MODEL.ISDA.*`` and the solver extras) to a Detectron2 config."""
+    """Add ISDA's keys (``MODEL.ISDA.*``, the solver extras and input defaults) to ``cfg``.
+
+    Defaults follow the authors' R50 setting (see ``docs/model.md``); ``configs/Base-ISDA.yaml``
+    additionally sets the backbone, the pixel normalisation and the schedule.
+    """
     cfg.MODEL.ISDA = CN()
-    cfg.MODEL.ISDA.NUM_QUERIES = 300
+    isda = cfg.MODEL.ISDA
+    isda.NUM_CLASSES = 80
+    isda.NUM_QUERIES = 300
+    # transformer
+    isda.HIDDEN_DIM = 256
+    isda.ENC_LAYERS = 6
+    isda.DEC_LAYERS = 6
+    isda.NHEADS = 8
+    isda.NUM_POINTS = 4
+    isda.NUM_FEATURE_LEVELS = 4  # P3..P6
+    isda.DIM_FEEDFORWARD = 1024
+    isda.DROPOUT = 0.1
+    # channel mapper: GroupNorm groups
+    isda.GN_GROUPS = 32
+    # matcher cost weights
+    isda.COST_CLASS = 2.0
+    isda.COST_MASK = 3.0
+    # losses
+    isda.FOCAL_WEIGHT = 2.0
+    isda.DICE_WEIGHT = 3.0
+    isda.FOCAL_ALPHA = 0.25
+    isda.FOCAL_GAMMA = 2.0
+    isda.DEEP_SUPERVISION = True
+    # mask branch
+    isda.MASK_STRIDE = 4  # 8, 4 or 2
+    isda.MASK_COORDS = True  # "MP": coordinates concatenated to the stride-32 input
+    isda.KERNEL_REF_POINTS = True  # "KP": inverse_sigmoid(reference point) ends each kernel
+    isda.MASK_FEATURE_SOURCE = "mapper"  # "mapper" (channel mapper P2..P5) or "encoder"
+    isda.MASK_FEATURE_DIM = 128  # channels inside the mask-feature head
+    isda.MASK_OUT_DIM = 256  # channels of F = length of each dynamic kernel
+    # inference
+    isda.TEST = CN()
+    isda.TEST.TOPK = 100
+    isda.TEST.MASK_THRESHOLD = 0.5
+    # pixels per chunk when upsampling masks to the original size (bounds peak memory)
+    isda.TEST.CHUNK_PIXELS = 1 << 25
+
+    # solver extras (read by the trainer)
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.SAMPLING_OFFSET_MULTIPLIER = 0.1
+    cfg.SOLVER.REFERENCE_POINT_MULTIPLIER = 0.1
+    # Detectron2's CLIP_GRADIENTS clips per parameter; "full_model" clips the global L2 norm
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    if not hasattr(cfg.SOLVER, "AMP"):
+        cfg.SOLVER.AMP = CN({"ENABLED": False})
+    return cfg

@@ -1,1 +1,2 @@
+"""ISDA's model: the meta-architecture and its parts."""
 from .meta_arch import ISDA  # noqa: F401

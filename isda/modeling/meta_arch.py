@@ -1,12 +1,213 @@
-"""The ISDA meta-architecture (stub until the model lands)."""
+"""The ISDA meta-architecture: backbone -> channel mapper -> deformable transformer -> per-query
+class logits and dynamic mask kernels applied to a SOLOv2-style mask feature map."""
+import torch
 from torch import nn
-from detectron2.modeling import META_ARCH_REGISTRY
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import BitMasks, ImageList
+
+from .channel_mapper import ChannelMapper
+from .criterion import SetCriterion
+from .deformable_decoder import DeformableDecoder
+from .deformable_encoder import DeformableEncoder
+from .heads import ISDAHeads, predict_masks
+from .mask_feature_head import MaskFeatureHead
+from .matcher import HungarianMatcher
+from .position_encoding import PositionEmbeddingSine
+from .postprocess import isda_postprocess
+
+SIZE_DIVISIBILITY = 32
+
+
+def _reset_transformer_parameters(module):
+    """Deformable DETR's init: xavier on every matrix, then the attention op's own init."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in module.modules():
+        reset = getattr(m, "_reset_parameters", None)
+        if reset is not None and not isinstance(m, nn.MultiheadAttention):
+            reset()
 
 
 @META_ARCH_REGISTRY.register()
 class ISDA(nn.Module):
-    """Placeholder: the model is built in a later change."""
+    """ISDA instance segmentation (NMS-free set prediction with position-aware mask kernels).
 
-    def __init__(self, cfg):
+    Input: list of Detectron2 dataset dicts with "image" ([3, H, W] in ``INPUT.FORMAT``), plus
+    "instances" (gt_classes, gt_masks) in training and optional "height"/"width" at test time.
+    Training returns a dict of losses; inference a list of {"instances": Instances} at the
+    original image size.
+    """
+
+    @configurable
+    def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
+                 criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
+                 pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25):
         super().__init__()
-        raise NotImplementedError("the ISDA model is not implemented yet")
+        self.backbone = backbone
+        self.in_features = in_features
+        self.mapper = mapper
+        self.encoder = encoder
+        self.decoder = decoder
+        self.mask_head = mask_head
+        self.heads = heads
+        self.criterion = criterion
+        self.num_feature_levels = num_feature_levels
+        self.mask_stride = mask_stride
+        self.mask_feature_source = mask_feature_source
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, hidden_dim))
+        nn.init.normal_(self.level_embed)
+        self.test_topk = test_topk
+        self.mask_threshold = mask_threshold
+        self.chunk_pixels = chunk_pixels
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        c = cfg.MODEL.ISDA
+        if c.MASK_FEATURE_SOURCE not in ("mapper", "encoder"):
+            raise ValueError(f"MASK_FEATURE_SOURCE must be mapper/encoder, got {c.MASK_FEATURE_SOURCE}")
+        if c.NUM_FEATURE_LEVELS != 4:
+            raise ValueError("ISDA uses 4 transformer levels (P3..P6)")
+        backbone = build_backbone(cfg)
+        in_features = ["res2", "res3", "res4", "res5"]
+        shapes = backbone.output_shape()
+        mapper = ChannelMapper([shapes[f].channels for f in in_features], c.HIDDEN_DIM,
+                               num_extra=1, gn_groups=c.GN_GROUPS)
+        layer_kwargs = dict(d_model=c.HIDDEN_DIM, d_ffn=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
+                            n_levels=c.NUM_FEATURE_LEVELS, n_heads=c.NHEADS, n_points=c.NUM_POINTS)
+        encoder = DeformableEncoder(c.ENC_LAYERS, **layer_kwargs)
+        layer_kwargs.pop("d_model")
+        decoder = DeformableDecoder(c.NUM_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM, **layer_kwargs)
+        _reset_transformer_parameters(encoder)
+        _reset_transformer_parameters(decoder.layers)
+        mask_head = MaskFeatureHead(c.HIDDEN_DIM, c.MASK_FEATURE_DIM, c.MASK_OUT_DIM, c.MASK_STRIDE,
+                                    coords=c.MASK_COORDS, gn_groups=c.GN_GROUPS)
+        heads = ISDAHeads(c.HIDDEN_DIM, c.NUM_CLASSES, c.MASK_OUT_DIM, c.KERNEL_REF_POINTS)
+        matcher = HungarianMatcher(c.COST_CLASS, c.COST_MASK, c.FOCAL_ALPHA, c.FOCAL_GAMMA)
+        criterion = SetCriterion(c.NUM_CLASSES, matcher, c.FOCAL_WEIGHT, c.DICE_WEIGHT,
+                                 c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DEEP_SUPERVISION)
+        return {
+            "backbone": backbone, "in_features": in_features, "mapper": mapper,
+            "encoder": encoder, "decoder": decoder, "mask_head": mask_head, "heads": heads,
+            "criterion": criterion, "num_feature_levels": c.NUM_FEATURE_LEVELS,
+            "hidden_dim": c.HIDDEN_DIM, "mask_stride": c.MASK_STRIDE,
+            "mask_feature_source": c.MASK_FEATURE_SOURCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
+            "chunk_pixels": c.TEST.CHUNK_PIXELS,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ stages
+    def preprocess_image(self, batched_inputs):
+        """Normalise and pad to a multiple of 32 -> (ImageList, padding mask [N, Hp, Wp] bool)."""
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        images = ImageList.from_tensors(images, SIZE_DIVISIBILITY)
+        n, _, hp, wp = images.tensor.shape
+        mask = torch.ones(n, hp, wp, dtype=torch.bool, device=self.device)
+        for i, (h, w) in enumerate(images.image_sizes):
+            mask[i, :h, :w] = False
+        return images, mask
+
+    def neck(self, images, pad_mask):
+        """-> list of P2..P6 [N, C, H_l, W_l] and their padding masks [N, H_l, W_l]."""
+        feats = self.backbone(images)
+        maps = self.mapper([feats[f] for f in self.in_features])
+        masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
+        return maps, masks
+
+    def flatten_levels(self, maps, masks):
+        """P3..P6 -> flattened tokens for the transformer: src, pos (+ level embedding) [N, S, C],
+        padding mask [N, S], spatial_shapes [L, 2], level_start_index [L], valid_ratios [N, L, 2]."""
+        srcs, poss, pmasks, shapes, ratios = [], [], [], [], []
+        for lvl, (x, m) in enumerate(zip(maps, masks)):
+            h, w = x.shape[-2:]
+            shapes.append((h, w))
+            pos = self.position_embedding(m).to(x.dtype)
+            srcs.append(x.flatten(2).transpose(1, 2))
+            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+            pmasks.append(m.flatten(1))
+            valid_h = (~m[:, :, 0]).sum(1).float() / h
+            valid_w = (~m[:, 0, :]).sum(1).float() / w
+            ratios.append(torch.stack([valid_w, valid_h], -1))
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=self.device)
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        return (torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pmasks, 1), spatial_shapes,
+                level_start_index, torch.stack(ratios, 1))
+
+    def forward_features(self, batched_inputs):
+        """Run everything up to the per-layer predictions.
+
+        Returns a dict with images (ImageList), class logits [layers, N, Q, K], kernels
+        [layers, N, Q, D], reference points [N, Q, 2], mask features [N, D, Hp/s, Wp/s] and the
+        intermediate maps (for inspection)."""
+        images, pad_mask = self.preprocess_image(batched_inputs)
+        maps, masks = self.neck(images.tensor, pad_mask)
+        src, pos, token_mask, shapes, start, ratios = self.flatten_levels(maps[1:], masks[1:])
+        memory = self.encoder(src, pos, shapes, start, ratios, token_mask)
+        hs, ref = self.decoder(memory, shapes, start, ratios, token_mask)
+
+        if self.mask_feature_source == "encoder":
+            n, _, c = memory.shape
+            enc_maps = [t.transpose(1, 2).reshape(n, c, h, w)
+                        for t, (h, w) in zip(memory.split(shapes.prod(1).tolist(), 1), shapes.tolist())]
+            mask_in = {4: maps[0], 8: enc_maps[0], 16: enc_maps[1], 32: enc_maps[2]}
+        else:
+            mask_in = {4: maps[0], 8: maps[1], 16: maps[2], 32: maps[3]}
+        mask_features = self.mask_head(mask_in)
+        logits, kernels = self.heads(hs, ref)
+        return {"images": images, "maps": maps, "memory": memory, "hs": hs, "logits": logits,
+                "kernels": kernels, "reference_points": ref, "mask_features": mask_features}
+
+    def prepare_targets(self, batched_inputs, mask_shape):
+        """GT masks padded to the padded input size and bilinearly downsampled by the mask
+        stride (soft targets on the mask grid ``mask_shape`` (h, w))."""
+        h, w = mask_shape
+        hp, wp = h * self.mask_stride, w * self.mask_stride
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            gt = inst.gt_masks
+            gt = gt.tensor if isinstance(gt, BitMasks) else torch.as_tensor(gt)
+            padded = torch.zeros(gt.shape[0], hp, wp, dtype=torch.float32, device=self.device)
+            padded[:, :gt.shape[1], :gt.shape[2]] = gt.float()
+            if gt.shape[0] > 0:
+                soft = F.interpolate(padded[:, None], size=(h, w), mode="bilinear",
+                                     align_corners=False)[:, 0]
+            else:
+                soft = padded.new_zeros(0, h, w)
+            targets.append({"labels": inst.gt_classes.long(), "masks": soft})
+        return targets
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs):
+        out = self.forward_features(batched_inputs)
+        mask_features = out["mask_features"]
+        if self.training:
+            mask_logits = predict_masks(out["kernels"], mask_features)  # [layers, N, Q, h, w]
+            targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
+            return self.criterion(out["logits"], mask_logits, targets)
+
+        logits = out["logits"][-1]
+        mask_logits = predict_masks(out["kernels"][-1], mask_features)  # [N, Q, h, w]
+        results = []
+        for i, x in enumerate(batched_inputs):
+            image_size = out["images"].image_sizes[i]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            inst = isda_postprocess(logits[i], mask_logits[i], image_size, (height, width),
+                                    self.mask_stride, self.test_topk, self.mask_threshold,
+                                    self.chunk_pixels)
+            results.append({"instances": inst})
+        return results

@@ -1,0 +1,87 @@
+"""ISDA's losses: sigmoid focal loss on classes, dice loss on matched masks, deep supervision."""
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    """Element-wise focal loss (summed by the caller). logits, targets: same shape."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
+def dice_loss(mask_logits, targets, eps=1.0):
+    """Per-mask dice loss 1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps).
+
+    mask_logits, targets: [M, P] -> [M]."""
+    p = mask_logits.sigmoid()
+    num = 2 * (p * targets).sum(-1) + eps
+    den = p.sum(-1) + targets.sum(-1) + eps
+    return 1 - num / den
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def num_instances_normaliser(targets, device):
+    """Number of GT instances in the batch, averaged over workers, clamped to >= 1."""
+    n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if _world_size() > 1:
+        dist.all_reduce(n)
+    return (n / _world_size()).clamp(min=1).item()
+
+
+class SetCriterion(nn.Module):
+    """Focal loss over all queries and dice loss over matched queries, normalised by the number of
+    GT instances; applied to every decoder layer's predictions when ``deep_supervision``."""
+
+    def __init__(self, num_classes, matcher, focal_weight=2.0, dice_weight=3.0, focal_alpha=0.25,
+                 focal_gamma=2.0, deep_supervision=True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.alpha = focal_alpha
+        self.gamma = focal_gamma
+        self.deep_supervision = deep_supervision
+
+    def layer_losses(self, logits, mask_logits, targets, num_inst):
+        """logits: [N, Q, K]; mask_logits: [N, Q, H, W] -> dict of two scalar losses."""
+        indices = self.matcher(logits, mask_logits, targets)
+        batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        device = logits.device
+        batch_idx, query_idx = batch_idx.to(device), query_idx.to(device)
+
+        cls_target = torch.zeros_like(logits)
+        labels = torch.cat([t["labels"][g.to(device)] for t, (_, g) in zip(targets, indices)])
+        cls_target[batch_idx, query_idx, labels] = 1.0
+        loss_focal = sigmoid_focal_loss(logits, cls_target, self.alpha, self.gamma).sum() / num_inst
+
+        src_masks = mask_logits[batch_idx, query_idx].flatten(1)
+        tgt_masks = torch.cat([t["masks"][g.to(device)] for t, (_, g) in zip(targets, indices)])
+        tgt_masks = tgt_masks.flatten(1).to(src_masks.dtype)
+        loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
+        return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
+
+    def forward(self, all_logits, all_mask_logits, targets):
+        """all_logits: [layers, N, Q, K]; all_mask_logits: [layers, N, Q, H, W]; targets: list
+        (per image) of {"labels": [G], "masks": [G, H, W] soft targets on the mask grid}.
+        Returns a dict of losses; layer l < last is suffixed ``_l``."""
+        num_inst = num_instances_normaliser(targets, all_logits.device)
+        n_layers = all_logits.shape[0]
+        layers = range(n_layers) if self.deep_supervision else [n_layers - 1]
+        losses = {}
+        for l in layers:
+            out = self.layer_losses(all_logits[l].float(), all_mask_logits[l].float(), targets, num_inst)
+            suffix = "" if l == n_layers - 1 else f"_{l}"
+            losses.update({k + suffix: v for k, v in out.items()})
+        return losses

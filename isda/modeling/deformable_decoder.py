@@ -1,0 +1,72 @@
+"""Deformable transformer decoder: learned queries, fixed (not refined) reference points."""
+import torch
+from torch import nn
+
+from .deformable_encoder import _activation, _msdeform_attn
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm layer: self-attention among queries, deformable cross-attention, FFN."""
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4,
+                 n_heads=8, n_points=4):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask):
+        """tgt, query_pos: [N, Q, C]; reference_points: [N, Q, L, 2]; memory: [N, S, C]."""
+        q = k = tgt + query_pos
+        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
+                               level_start_index, memory_padding_mask)
+        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(tgt2))
+
+
+class DeformableDecoder(nn.Module):
+    """``num_queries`` learned queries (a 2*C embedding split into position and content) decoded
+    by ``num_layers`` :class:`DeformableDecoderLayer`.
+
+    Reference points are ``sigmoid(Linear(query position))`` (x, y) in the valid image frame and
+    stay fixed across layers.
+    """
+
+    def __init__(self, num_queries=300, num_layers=6, d_model=256, **layer_kwargs):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+        self.reference_points = nn.Linear(d_model, 2)
+        nn.init.xavier_uniform_(self.reference_points.weight)
+        nn.init.zeros_(self.reference_points.bias)
+        self.layers = nn.ModuleList(
+            DeformableDecoderLayer(d_model=d_model, **layer_kwargs) for _ in range(num_layers)
+        )
+
+    def forward(self, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        """memory: [N, S, C]; valid_ratios: [N, L, 2] ->
+        (hidden states [num_layers, N, Q, C], reference points [N, Q, 2] in [0, 1])."""
+        n = memory.shape[0]
+        query_pos, tgt = self.query_embed.weight.split(memory.shape[-1], dim=1)
+        query_pos = query_pos[None].expand(n, -1, -1)
+        tgt = tgt[None].expand(n, -1, -1)
+        reference_points = self.reference_points(query_pos).sigmoid()
+        ref_input = reference_points[:, :, None] * valid_ratios[:, None]
+        hs = []
+        for layer in self.layers:
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index,
+                        padding_mask)
+            hs.append(tgt)
+        return torch.stack(hs), reference_points

@@ -1,0 +1,77 @@
+"""Deformable transformer encoder over the flattened multi-scale maps P3..P6."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _activation(name):
+    return {"relu": F.relu, "gelu": F.gelu}[name]
+
+
+def _msdeform_attn(d_model, n_levels, n_heads, n_points):
+    # imported lazily: the op lives in isda.layers and may be swapped for a compiled kernel
+    from ..layers.ms_deform_attn import MSDeformAttn
+
+    return MSDeformAttn(d_model, n_levels, n_heads, n_points)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: multi-scale deformable self-attention, then FFN."""
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4,
+                 n_heads=8, n_points=4):
+        super().__init__()
+        self.self_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = _activation(activation)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        """src, pos: [N, S, C]; reference_points: [N, S, L, 2] -> [N, S, C]."""
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
+                              padding_mask)
+        src = self.norm1(src + self.dropout1(src2))
+        src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout3(src2))
+
+
+def encoder_reference_points(spatial_shapes, valid_ratios):
+    """Pixel centres of every level, normalised by the valid (unpadded) extent.
+
+    spatial_shapes: [L, 2] (H, W); valid_ratios: [N, L, 2] (x, y) -> [N, S, L, 2] in the padded
+    frame of each level (as the attention op expects).
+    """
+    device = valid_ratios.device
+    refs = []
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        ref_y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+        ref_x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
+        refs.append(torch.stack((ref_x, ref_y), -1))
+    ref = torch.cat(refs, 1)  # [N, S, 2] in the valid frame
+    return ref[:, :, None] * valid_ratios[:, None]
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of ``num_layers`` :class:`DeformableEncoderLayer`."""
+
+    def __init__(self, num_layers=6, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        """src, pos: [N, S, C]; padding_mask: [N, S] bool (True = padding) -> [N, S, C]."""
+        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        out = src
+        for layer in self.layers:
+            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return out

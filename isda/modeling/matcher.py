@@ -1,0 +1,54 @@
+"""Hungarian matching of queries to ground-truth instances (focal class cost + soft mask IoU)."""
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+
+def focal_class_cost(logits, tgt_labels, alpha=0.25, gamma=2.0):
+    """Focal-loss matching cost. logits: [Q, K]; tgt_labels: [G] -> [Q, G]."""
+    prob = logits.sigmoid()
+    neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
+    return pos[:, tgt_labels] - neg[:, tgt_labels]
+
+
+def soft_mask_iou(pred, target, eps=1e-6):
+    """Soft IoU between probability masks. pred: [Q, P]; target: [G, P] (values in [0, 1]) ->
+    [Q, G] = sum(p*t) / (sum(p) + sum(t) - sum(p*t))."""
+    inter = pred @ target.t()
+    union = pred.sum(-1)[:, None] + target.sum(-1)[None, :] - inter
+    return inter / union.clamp(min=eps)
+
+
+class HungarianMatcher(nn.Module):
+    """Cost = ``cost_class`` * focal class cost + ``cost_mask`` * (1 - soft mask IoU), solved per
+    image with ``scipy.optimize.linear_sum_assignment``."""
+
+    def __init__(self, cost_class=2.0, cost_mask=3.0, focal_alpha=0.25, focal_gamma=2.0):
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.alpha = focal_alpha
+        self.gamma = focal_gamma
+
+    @torch.no_grad()
+    def cost_matrix(self, logits, mask_logits, labels, masks):
+        """logits: [Q, K]; mask_logits: [Q, H, W]; labels: [G]; masks: [G, H, W] -> [Q, G]."""
+        c_cls = focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
+        iou = soft_mask_iou(mask_logits.flatten(1).float().sigmoid(), masks.flatten(1).float())
+        return self.cost_class * c_cls + self.cost_mask * (1 - iou)
+
+    @torch.no_grad()
+    def forward(self, logits, mask_logits, targets):
+        """logits: [N, Q, K]; mask_logits: [N, Q, H, W]; targets: list of dicts with "labels"
+        [G] and "masks" [G, H, W] -> list of (query indices, target indices) int64 pairs."""
+        out = []
+        for i, t in enumerate(targets):
+            if len(t["labels"]) == 0:
+                empty = torch.empty(0, dtype=torch.int64)
+                out.append((empty, empty))
+                continue
+            c = self.cost_matrix(logits[i], mask_logits[i], t["labels"], t["masks"]).cpu()
+            q, g = linear_sum_assignment(c.numpy())
+            out.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64)))
+        return out
