@@ -1,0 +1,79 @@
+"""ISDA's data augmentation: the DETR recipe in Detectron2 ``Augmentation`` terms.
+
+Training: horizontal flip (0.5); then with probability 0.5 a multi-scale resize (short side
+from ``INPUT.MIN_SIZE_TRAIN``, long side <= ``INPUT.MAX_SIZE_TRAIN``), otherwise
+[resize the short side to one of ``INPUT.CROP.PRE_RESIZE_SIZES`` -> random crop of an
+absolute size in ``INPUT.CROP.SIZE`` -> the same multi-scale resize].
+Test: resize the short side to ``INPUT.MIN_SIZE_TEST`` (long side <= ``INPUT.MAX_SIZE_TEST``).
+"""
+from typing import List, Sequence
+
+import numpy as np
+from detectron2.config import CfgNode as CN
+from detectron2.data import transforms as T
+
+
+class RandomChoice(T.Augmentation):
+    """Apply one of several augmentations (or lists of them), picked with given probabilities."""
+
+    def __init__(self, choices: Sequence, probs: Sequence[float]):
+        super().__init__()
+        if len(choices) != len(probs) or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"RandomChoice needs one probability per choice summing to 1, got {probs}")
+        self.choices = [T.AugmentationList(list(c)) if isinstance(c, (list, tuple)) else c
+                        for c in choices]
+        self.probs = np.asarray(probs, dtype=np.float64)
+
+    def __call__(self, aug_input):
+        idx = int(np.random.choice(len(self.choices), p=self.probs))
+        return self.choices[idx](aug_input)
+
+    def get_transform(self, *args):  # pragma: no cover - __call__ is used instead
+        raise NotImplementedError("RandomChoice is applied through __call__")
+
+    def __repr__(self):
+        return f"RandomChoice({self.choices}, probs={self.probs.tolist()})"
+
+
+def add_isda_input_config(cfg) -> None:
+    """Input keys of the DETR augmentation recipe (defaults: the ISDA paper's COCO setting)."""
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.MIN_SIZE_TRAIN = tuple(range(480, 801, 32))
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    cfg.INPUT.MAX_SIZE_TRAIN = 1333
+    cfg.INPUT.MIN_SIZE_TEST = 800
+    cfg.INPUT.MAX_SIZE_TEST = 1333
+    cfg.INPUT.RANDOM_FLIP = "horizontal"
+    cfg.INPUT.CROP.ENABLED = True
+    cfg.INPUT.CROP.TYPE = "absolute_range"
+    cfg.INPUT.CROP.SIZE = [384, 600]
+    cfg.INPUT.CROP.PROB = 0.5
+    cfg.INPUT.CROP.PRE_RESIZE_SIZES = (400, 500, 600)
+    # What to do with a sample that cannot be read or converted during training:
+    # "raise" stops with an error naming the file; "skip" logs it, counts it and moves on.
+    cfg.INPUT.BAD_SAMPLE_POLICY = "raise"
+    if not hasattr(cfg.INPUT, "ISDA"):
+        cfg.INPUT.ISDA = CN()
+
+
+def build_isda_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
+    if not is_train:
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    augs: List[T.Augmentation] = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    multiscale = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                      cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
+    if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.PROB > 0:
+        crop_branch = [
+            T.ResizeShortestEdge(cfg.INPUT.CROP.PRE_RESIZE_SIZES, 1333, "choice"),
+            T.RandomCrop(cfg.INPUT.CROP.TYPE, tuple(cfg.INPUT.CROP.SIZE)),
+            multiscale,
+        ]
+        p = float(cfg.INPUT.CROP.PROB)
+        augs.append(RandomChoice([multiscale, crop_branch], [1.0 - p, p]) if p < 1 else
+                    T.AugmentationList(crop_branch))
+    else:
+        augs.append(multiscale)
+    return augs

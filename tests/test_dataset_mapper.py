@@ -1,0 +1,123 @@
+"""ISDADatasetMapper and the DETR augmentation recipe, on real embedded data."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode, polygons_to_bitmask
+from pycocotools import mask as mask_util
+
+import isda  # noqa: F401
+from isda import add_isda_config
+from isda.data.dataset_mapper import BadSampleError, ISDADatasetMapper
+from isda.data.transforms import RandomChoice, add_isda_input_config, build_isda_augmentation
+
+
+def make_cfg(**input_overrides):
+    cfg = get_cfg()
+    add_isda_config(cfg)
+    add_isda_input_config(cfg)
+    for k, v in input_overrides.items():
+        node, key = cfg.INPUT, k
+        if "." in k:
+            sub, key = k.split(".")
+            node = getattr(cfg.INPUT, sub)
+        setattr(node, key, v)
+    return cfg
+
+
+def no_aug_cfg():
+    """Identity-size pipeline: resize to the image's own short side, no flip, no crop."""
+    return make_cfg(RANDOM_FLIP="none", **{"CROP.ENABLED": False})
+
+
+def test_polygon_annotations_become_exact_bitmasks():
+    record = DatasetCatalog.get("voc_sample")[0]
+    cfg = no_aug_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN = (min(record["height"], record["width"]),)
+    cfg.INPUT.MAX_SIZE_TRAIN = 10000
+    out = ISDADatasetMapper(cfg, is_train=True)(record)
+    inst = out["instances"]
+    assert out["image"].shape == (3, record["height"], record["width"])
+    assert out["image"].dtype == torch.uint8
+    assert len(inst) == len(record["annotations"])
+    for ann, m, c, box in zip(record["annotations"], inst.gt_masks.tensor, inst.gt_classes,
+                              inst.gt_boxes.tensor):
+        ref = polygons_to_bitmask(ann["segmentation"], record["height"], record["width"])
+        assert torch.equal(m, torch.from_numpy(ref))
+        assert int(c) == ann["category_id"]
+        ys, xs = np.nonzero(ref)
+        assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_rle_crowd_and_flip_on_nuclei():
+    record = DatasetCatalog.get("nuclei_val")[0]
+    n_crowd = sum(a["iscrowd"] for a in record["annotations"])
+    assert n_crowd > 0, "the val split marks nuclei cut by the border as crowd"
+    cfg = make_cfg(RANDOM_FLIP="horizontal", **{"CROP.ENABLED": False})
+    cfg.INPUT.MIN_SIZE_TRAIN = (128,)
+    mapper = ISDADatasetMapper(cfg, is_train=True)
+    mapper.augmentations = T.AugmentationList(
+        [T.RandomFlip(prob=1.0), T.ResizeShortestEdge((128,), 10000, "choice")])
+    inst = mapper(record)["instances"]
+    kept = [a for a in record["annotations"] if not a["iscrowd"]]
+    assert len(inst) == len(kept)
+    for ann, m in zip(kept, inst.gt_masks.tensor):
+        ref = mask_util.decode(ann["segmentation"]).astype(bool)[:, ::-1]
+        assert torch.equal(m, torch.from_numpy(ref.copy()))
+
+
+def test_image_without_annotations_and_degenerate_polygons():
+    record = copy.deepcopy(DatasetCatalog.get("voc_sample")[2])
+    cfg = no_aug_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN = (200,)
+    mapper = ISDADatasetMapper(cfg, is_train=True)
+    empty = dict(record, annotations=[])
+    inst = mapper(empty)["instances"]
+    assert len(inst) == 0 and inst.gt_masks.tensor.shape[0] == 0
+    bad = dict(record, annotations=[
+        {"bbox": [0, 0, 5, 5], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0,
+         "segmentation": [[1.0, 1.0, 4.0, 4.0]]},  # two points: not a polygon
+        record["annotations"][0],
+    ])
+    assert len(mapper(bad)["instances"]) == 1
+
+
+def test_missing_image_names_the_file(tmp_path):
+    record = dict(DatasetCatalog.get("voc_sample")[0], file_name=str(tmp_path / "nope.jpg"))
+    with pytest.raises(BadSampleError, match="nope.jpg"):
+        ISDADatasetMapper(no_aug_cfg(), is_train=True)(record)
+
+
+def test_test_mode_resizes_and_drops_annotations():
+    record = DatasetCatalog.get("voc_sample")[1]
+    cfg = make_cfg()
+    cfg.INPUT.MIN_SIZE_TEST = 320
+    out = ISDADatasetMapper(cfg, is_train=False)(record)
+    assert "instances" not in out and "annotations" not in out
+    assert min(out["image"].shape[1:]) == 320
+    assert (out["height"], out["width"]) == (record["height"], record["width"])
+
+
+def test_detr_recipe_uses_both_branches_and_bounds_sizes():
+    cfg = make_cfg()
+    augs = build_isda_augmentation(cfg, is_train=True)
+    assert isinstance(augs[0], T.RandomFlip) and isinstance(augs[1], RandomChoice)
+    np.random.seed(0)
+    image = np.zeros((480, 640, 3), np.uint8)
+    crops = 0
+    for _ in range(60):
+        inp = T.AugInput(image)
+        tfms = T.AugmentationList(augs)(inp)
+        h, w = inp.image.shape[:2]
+        # 640x480 and any 384..600 crop stay under the 1333 cap: the short side is always exact
+        assert min(h, w) in range(480, 801, 32)
+        assert max(h, w) <= 1333
+        if any(isinstance(t, T.CropTransform) for t in tfms.transforms):
+            crops += 1
+            crop = next(t for t in tfms.transforms if isinstance(t, T.CropTransform))
+            assert 384 <= crop.h <= 600 and 384 <= crop.w <= 600
+    assert 15 <= crops <= 45, "the crop branch should be taken about half of the time"
