@@ -47,6 +47,14 @@ def get_extensions():
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     cxx_flags = ["-O3", "-fno-math-errno", "-DISDA_EXT_VERSION=1"]
+    link_flags = []
+    # at::parallel_for is header-inlined: the extension itself must be compiled with OpenMP (the
+    # runtime is the libgomp that torch already loads). No -march flags: wheels must stay portable.
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    elif sys.platform == "win32":
+        cxx_flags = ["/O2", "/openmp", "/DISDA_EXT_VERSION=1"]
     include_dirs = [os.path.join(HERE, CSRC)]
     if want_cuda():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DCUDA_HAS_FP16=1",
@@ -57,9 +65,10 @@ def get_extensions():
             include_dirs=include_dirs + extra_cuda_includes(),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )]
     return [CppExtension("isda._C", cpp_sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx_flags})]
+                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
 
 
 setup(

@@ -1,5 +1,7 @@
-// Python bindings of ISDA's compiled ops (placeholder until the op lands).
+// Python bindings of ISDA's compiled ops (module isda._C).
 #include <torch/extension.h>
+
+#include "ms_deform_attn.h"
 
 bool isda_has_cuda() {
 #ifdef WITH_CUDA
@@ -11,4 +13,15 @@ bool isda_has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda", &isda_has_cuda, "whether the CUDA kernels were compiled in");
+  m.def("ms_deform_attn_forward", &isda::ms_deform_attn_forward,
+        "multi-scale deformable attention forward: (value [N,S,M,D], spatial_shapes [L,2], "
+        "level_start_index [L], sampling_locations [N,Lq,M,L,P,2], attention_weights "
+        "[N,Lq,M,L,P]) -> [N,Lq,M*D]",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
+        py::arg("sampling_locations"), py::arg("attention_weights"));
+  m.def("ms_deform_attn_backward", &isda::ms_deform_attn_backward,
+        "multi-scale deformable attention backward -> [grad_value, grad_sampling_locations, "
+        "grad_attention_weights]",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
+        py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"));
 }

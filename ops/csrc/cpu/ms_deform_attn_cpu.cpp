@@ -1,0 +1,185 @@
+// CPU forward and backward of multi-scale deformable attention.
+//
+// Layout: value [N, S, M, D] keeps the D channels of one head contiguous, so every bilinear
+// corner is a contiguous D-vector and all inner loops run over D (vectorised by the compiler).
+//
+// Parallelism and determinism:
+//  * forward: at::parallel_for over the N * Lq queries; each query (all heads) writes its own
+//    output row, so there is no sharing.
+//  * backward: at::parallel_for over the N * M (batch, head) pairs. A task walks all queries of
+//    its pair in order and is the only writer of grad_value[n, :, m, :] (corners of head m in
+//    batch n live only there) and of grad_sampling_locations / grad_attention_weights of its
+//    own sample points. No atomics or locks are needed, and every grad_value element is
+//    accumulated by one thread in a fixed (query, level, point, corner) order, so results are
+//    bit-identical across runs and for any number of threads. Parallelism is bounded by N * M
+//    (8 per image with 8 heads), which covers the CPU core counts this op targets.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_sampling.h"
+
+namespace isda {
+namespace {
+
+// out[d] += w * v[d]
+template <typename scalar_t>
+inline void axpy(scalar_t* __restrict__ out, scalar_t w, const scalar_t* __restrict__ v,
+                 int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out[d] += w * v[d];
+}
+
+// sum_d a[d] * b[d] with 8 independent partial sums (vectorisable without -ffast-math) reduced in
+// a fixed order, so the result does not depend on anything but the inputs.
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t D) {
+  constexpr int K = 8;
+  scalar_t part[K] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + K <= D; d += K) {
+    for (int k = 0; k < K; ++k) part[k] += a[d + k] * b[d + k];
+  }
+  scalar_t tail = 0;
+  for (; d < D; ++d) tail += a[d] * b[d];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) +
+         tail;
+}
+
+struct Dims {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                    const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& k) {
+  const int64_t MD = k.M * k.D;
+  const int64_t LP = k.L * k.P;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k.M * LP));
+  at::parallel_for(0, k.N * k.Lq, grain, [&](int64_t begin, int64_t end) {
+    // Per head: the valid corners of all L * P points as (value offset, attention * weight),
+    // computed first so the accumulation below is a plain run of D-vector axpys.
+    std::vector<int64_t> offset(4 * LP);
+    std::vector<scalar_t> weight(4 * LP);
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const int64_t n = nq / k.Lq;
+      const scalar_t* value_n = value + n * k.S * MD;
+      for (int64_t m = 0; m < k.M; ++m) {
+        const int64_t nqm = nq * k.M + m;
+        int64_t count = 0;
+        for (int64_t l = 0; l < k.L; ++l) {
+          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+          for (int64_t p = 0; p < k.P; ++p) {
+            const int64_t s = (nqm * k.L + l) * k.P + p;
+            BilinearPoint<scalar_t> bp;
+            if (!bilinear_point<scalar_t, false>(loc[2 * s], loc[2 * s + 1], H, W, bp)) continue;
+            const scalar_t a = attn[s];
+            for (int c = 0; c < 4; ++c) {
+              if (bp.index[c] < 0) continue;
+              offset[count] = (start + bp.index[c]) * MD + m * k.D;
+              weight[count] = a * bp.weight[c];
+              ++count;
+            }
+          }
+        }
+        scalar_t* o = out + nqm * k.D;
+        std::fill(o, o + k.D, scalar_t(0));
+        for (int64_t i = 0; i < count; ++i) axpy(o, weight[i], value_n + offset[i], k.D);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                     const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
+                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k) {
+  const int64_t MD = k.M * k.D;
+  // One task per (batch, head): see the ownership argument at the top of the file.
+  at::parallel_for(0, k.N * k.M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nm = begin; nm < end; ++nm) {
+      const int64_t n = nm / k.M, m = nm % k.M;
+      const scalar_t* value_nm = value + n * k.S * MD + m * k.D;
+      scalar_t* grad_value_nm = grad_value + n * k.S * MD + m * k.D;
+      for (int64_t q = 0; q < k.Lq; ++q) {
+        const int64_t nqm = (n * k.Lq + q) * k.M + m;
+        const scalar_t* go = grad_out + nqm * k.D;
+        for (int64_t l = 0; l < k.L; ++l) {
+          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+          for (int64_t p = 0; p < k.P; ++p) {
+            const int64_t s = (nqm * k.L + l) * k.P + p;
+            BilinearPoint<scalar_t> bp;
+            if (!bilinear_point<scalar_t, true>(loc[2 * s], loc[2 * s + 1], H, W, bp)) {
+              grad_attn[s] = 0;
+              grad_loc[2 * s] = 0;
+              grad_loc[2 * s + 1] = 0;
+              continue;
+            }
+            const scalar_t a = attn[s];
+            scalar_t dots[4] = {0, 0, 0, 0};
+            for (int c = 0; c < 4; ++c) {
+              if (bp.index[c] < 0) continue;
+              const int64_t off = (start + bp.index[c]) * MD;
+              dots[c] = dot(go, value_nm + off, k.D);
+              axpy(grad_value_nm + off, a * bp.weight[c], go, k.D);
+            }
+            bilinear_point_grads(bp, dots, a, grad_attn[s], grad_loc[2 * s], grad_loc[2 * s + 1]);
+          }
+        }
+      }
+    }
+  });
+}
+
+Dims dims_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return Dims{value.size(0), value.size(1), value.size(2), value.size(3),
+              sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
+}
+
+}  // namespace
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const Dims k = dims_of(value, sampling_locations);
+  at::Tensor out = at::empty({k.N, k.Lq, k.M * k.D}, value.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                             level_start_index.data_ptr<int64_t>(),
+                             sampling_locations.data_ptr<scalar_t>(),
+                             attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), k);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value,
+                                                    const at::Tensor& spatial_shapes,
+                                                    const at::Tensor& level_start_index,
+                                                    const at::Tensor& sampling_locations,
+                                                    const at::Tensor& attention_weights,
+                                                    const at::Tensor& grad_output) {
+  const Dims k = dims_of(value, sampling_locations);
+  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_loc = at::empty_like(sampling_locations);
+  at::Tensor grad_attn = at::empty_like(attention_weights);
+  if (grad_attn.numel() == 0 || value.numel() == 0) {
+    grad_loc.zero_();
+    grad_attn.zero_();
+    return {grad_value, grad_loc, grad_attn};
+  }
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    backward_kernel<scalar_t>(
+        value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+        level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
+        attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+        grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
+        grad_attn.data_ptr<scalar_t>(), k);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace isda
