@@ -1,0 +1,59 @@
+"""Run ISDA on images and videos and draw the predictions with Detectron2's visualizers."""
+import cv2
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BitMasks
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from isda.predictor import ISDAPredictor
+
+
+def dataset_metadata(cfg):
+    """Metadata of ``DATASETS.TEST[0]`` with its ``thing_classes`` (datasets that take their
+    class names from their annotation file get loaded once to fill them)."""
+    if not len(cfg.DATASETS.TEST):
+        return MetadataCatalog.get("__unused")
+    name = cfg.DATASETS.TEST[0]
+    meta = MetadataCatalog.get(name)
+    if not meta.get("thing_classes") and name in DatasetCatalog.list():
+        DatasetCatalog.get(name)
+    return meta
+
+
+class VisualizationDemo:
+    """Predict and draw: :meth:`run_on_image` for one image, :meth:`run_on_video` per frame."""
+
+    def __init__(self, cfg, confidence_threshold=0.5, instance_mode=ColorMode.IMAGE):
+        self.metadata = dataset_metadata(cfg)
+        self.image_format = cfg.INPUT.FORMAT
+        self.threshold = confidence_threshold
+        self.instance_mode = instance_mode
+        self.predictor = ISDAPredictor(cfg)
+
+    def _predict(self, image, image_format):
+        instances = self.predictor(image, image_format=image_format)["instances"].to("cpu")
+        instances = instances[instances.scores >= self.threshold]
+        if not instances.has("pred_boxes") and instances.has("pred_masks"):
+            instances.pred_boxes = BitMasks(instances.pred_masks).get_bounding_boxes()
+        return instances
+
+    def run_on_image(self, image):
+        """image: [H, W, 3] uint8 in ``INPUT.FORMAT`` (as ``read_image(format=...)`` returns) ->
+        (kept Instances, VisImage)."""
+        instances = self._predict(image, self.image_format)
+        rgb = image if self.image_format == "RGB" else image[:, :, ::-1]
+        vis = Visualizer(rgb, self.metadata, instance_mode=self.instance_mode)
+        return instances, vis.draw_instance_predictions(instances)
+
+    def run_on_video(self, video):
+        """video: an opened ``cv2.VideoCapture`` -> yields drawn frames (BGR, uint8)."""
+        visualizer = VideoVisualizer(self.metadata, self.instance_mode)
+        while video.isOpened():
+            ok, frame = video.read()
+            if not ok:
+                break
+            instances = self._predict(frame, "BGR")
+            rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            drawn = visualizer.draw_instance_predictions(rgb, instances)
+            yield cv2.cvtColor(drawn.get_image(), cv2.COLOR_RGB2BGR)
+
