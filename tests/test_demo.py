@@ -35,7 +35,7 @@ def _load_demo():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A tiny ISDA trained for 3 iterations on voc_sample, saved by ISDACheckpointer and
+    """A tiny ISDA trained for 2 iterations on voc_sample, saved by ISDACheckpointer and
     published as .safetensors."""
     from isda.data.minimal_mapper import MinimalInstanceMapper
 
@@ -48,14 +48,14 @@ def weights(tmp_path_factory):
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(OPTS + ["INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "192"])
+    cfg.merge_from_list(OPTS + ["INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "160"])
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
     mapper = MinimalInstanceMapper(cfg, is_train=True)
     batch = [mapper(d) for d in DatasetCatalog.get("voc_sample")]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for _ in range(3):
+    for _ in range(2):
         losses = model(batch)
         loss = sum(losses.values())
         assert torch.isfinite(loss)
@@ -63,7 +63,7 @@ def weights(tmp_path_factory):
         loss.backward()
         opt.step()
     out = tmp_path_factory.mktemp("weights")
-    ISDACheckpointer(model, save_dir=str(out), optimizer=opt).save("model_final", iteration=3)
+    ISDACheckpointer(model, save_dir=str(out), optimizer=opt).save("model_final", iteration=2)
     info = publish(str(out / "model_final.pth"), str(out), name="isda_voc_tiny")
     return {"pth": str(out / "model_final.pth"), "safetensors": info["safetensors"]}
 
@@ -112,7 +112,7 @@ def test_video(weights, tmp_path):
     demo = _load_demo()
     video = str(tmp_path / "clip.mp4")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (160, 120), True)
-    for path in sorted(glob.glob(os.path.join(VOC_IMAGES, "*.jpg"))) * 2:
+    for path in (sorted(glob.glob(os.path.join(VOC_IMAGES, "*.jpg"))) * 2)[:5]:
         writer.write(cv2.resize(cv2.imread(path), (160, 120)))
     writer.release()
     cap = cv2.VideoCapture(video)
@@ -130,7 +130,7 @@ def test_video(weights, tmp_path):
         assert frame.shape == (120, 160, 3)
         frames += 1
     cap.release()
-    assert frames == 6
+    assert frames == 5
 
 
 def test_missing_and_unreadable_inputs(weights, tmp_path, capsys):
