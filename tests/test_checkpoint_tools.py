@@ -165,8 +165,14 @@ def _randomize_bn(model):
             m.running_var.data = torch.rand(n, generator=g) + 0.5
 
 
+@pytest.fixture(scope="module")
+def isda_r50():
+    torch.manual_seed(0)
+    return build_model(_isda_cfg("Base-ISDA.yaml"))
+
+
 @pytest.mark.parametrize("depth", [18, 50])
-def test_torchvision_resnet_converter_matches_features(tmp_path, depth):
+def test_torchvision_resnet_converter_matches_features(tmp_path, depth, isda_r50):
     import torchvision
 
     tool = _tool("convert_torchvision_resnet")
@@ -204,6 +210,12 @@ def test_torchvision_resnet_converter_matches_features(tmp_path, depth):
         for i in range(1, 5):
             y = getattr(tv, f"layer{i}")(y)
             torch.testing.assert_close(feats[f"res{i + 1}"], y, rtol=1e-4, atol=1e-4)
+
+    if depth == 50:  # as MODEL.WEIGHTS of the full ISDA R50 model (name matching heuristics)
+        ISDACheckpointer(isda_r50).load(out)
+        state = isda_r50.state_dict()
+        for name, value in raw["model"].items():
+            assert torch.equal(state["backbone." + name], torch.from_numpy(value)), name
 
 
 # --------------------------------------------------------------------------- Deformable DETR
@@ -283,12 +295,6 @@ def _mmdet_source_name(isda, neck_bias):
         rest = rest.replace("self_attn.", "attentions.0.attn.").replace("cross_attn.",
                                                                          "attentions.1.")
     return p + rest
-
-
-@pytest.fixture(scope="module")
-def isda_r50():
-    torch.manual_seed(0)
-    return build_model(_isda_cfg("Base-ISDA.yaml"))
 
 
 def _make_source(target, layout, neck_bias=False):
