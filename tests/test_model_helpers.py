@@ -1,0 +1,83 @@
+"""Shared helpers of the model tests (small configs, synthetic inputs) and config-key tests."""
+from pathlib import Path
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
+
+import isda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(*opts):
+    """A fast configuration: random-init R18, 64-d transformer with 1+2 layers, 10 queries."""
+    cfg = get_cfg()
+    isda.add_isda_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "Base-ISDA.yaml"))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+        "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.ISDA.NUM_CLASSES", 3, "MODEL.ISDA.NUM_QUERIES", 10,
+        "MODEL.ISDA.HIDDEN_DIM", 64, "MODEL.ISDA.DIM_FEEDFORWARD", 128,
+        "MODEL.ISDA.ENC_LAYERS", 1, "MODEL.ISDA.DEC_LAYERS", 2,
+        "MODEL.ISDA.MASK_FEATURE_DIM", 32, "MODEL.ISDA.MASK_OUT_DIM", 64,
+        "MODEL.ISDA.DROPOUT", 0.0,
+    ])
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def synthetic_input(h, w, num_inst=3, num_classes=3, seed=0, with_targets=True):
+    """A random image [3, h, w] uint8 with ``num_inst`` rectangular instances."""
+    g = torch.Generator().manual_seed(seed)
+    d = {"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)}
+    if with_targets:
+        inst = Instances((h, w))
+        inst.gt_classes = torch.randint(0, num_classes, (num_inst,), generator=g)
+        masks = torch.zeros(num_inst, h, w, dtype=torch.bool)
+        for i in range(num_inst):
+            y0 = int(torch.randint(0, h // 2, (1,), generator=g))
+            x0 = int(torch.randint(0, w // 2, (1,), generator=g))
+            masks[i, y0:y0 + h // 3, x0:x0 + w // 3] = True
+        inst.gt_masks = BitMasks(masks)
+        d["instances"] = inst
+    return d
+
+
+def test_config_defaults():
+    cfg = get_cfg()
+    isda.add_isda_config(cfg)
+    c = cfg.MODEL.ISDA
+    assert (c.NUM_QUERIES, c.ENC_LAYERS, c.DEC_LAYERS, c.NHEADS, c.NUM_POINTS) == (300, 6, 6, 8, 4)
+    assert (c.NUM_FEATURE_LEVELS, c.HIDDEN_DIM, c.DIM_FEEDFORWARD, c.DROPOUT) == (4, 256, 1024, 0.1)
+    assert (c.COST_CLASS, c.COST_MASK, c.FOCAL_WEIGHT, c.DICE_WEIGHT) == (2.0, 3.0, 2.0, 3.0)
+    assert (c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DEEP_SUPERVISION) == (0.25, 2.0, True)
+    assert (c.MASK_STRIDE, c.MASK_COORDS, c.KERNEL_REF_POINTS) == (4, True, True)
+    assert c.MASK_FEATURE_SOURCE in ("mapper", "encoder")
+    assert (c.MASK_FEATURE_DIM, c.MASK_OUT_DIM, c.TEST.TOPK, c.TEST.MASK_THRESHOLD) == (128, 256, 100, 0.5)
+    s = cfg.SOLVER
+    assert s.OPTIMIZER == "ADAMW"
+    assert (s.BACKBONE_MULTIPLIER, s.SAMPLING_OFFSET_MULTIPLIER, s.REFERENCE_POINT_MULTIPLIER) == (0.1,) * 3
+    assert s.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and s.CLIP_GRADIENTS.CLIP_VALUE == 0.1
+    assert s.AMP.ENABLED is False
+
+
+def test_base_config_matches_reference():
+    cfg = get_cfg()
+    isda.add_isda_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "Base-ISDA.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "ISDA"
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert list(cfg.MODEL.PIXEL_MEAN) == [123.675, 116.28, 103.53]
+    assert list(cfg.MODEL.PIXEL_STD) == [58.395, 57.12, 57.375]
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert cfg.SOLVER.BASE_LR == 1.25e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4

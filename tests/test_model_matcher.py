@@ -1,0 +1,96 @@
+"""Hungarian matcher vs brute force; focal class cost and soft mask IoU vs independent formulas."""
+import itertools
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+
+from isda.modeling.matcher import HungarianMatcher, focal_class_cost, soft_mask_iou
+
+
+def _brute_force(cost):
+    """Minimal total cost over all injective maps of the (fewer) columns to rows."""
+    q, g = cost.shape
+    best = np.inf
+    for rows in itertools.permutations(range(q), g):
+        best = min(best, sum(cost[r, c] for c, r in enumerate(rows)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matching_is_optimal(seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, h, w = 6, 3, 8, 9
+    n_gt = [1, 3, 5, 6][seed % 4]
+    logits = torch.randn(1, q, k, generator=g) * 2
+    mask_logits = torch.randn(1, q, h, w, generator=g) * 3
+    targets = [{"labels": torch.randint(0, k, (n_gt,), generator=g),
+                "masks": torch.rand(n_gt, h, w, generator=g)}]
+    matcher = HungarianMatcher()
+    (qi, gi), = matcher(logits, mask_logits, targets)
+    assert len(qi) == len(gi) == n_gt
+    assert len(set(qi.tolist())) == n_gt and sorted(gi.tolist()) == list(range(n_gt))
+    cost = matcher.cost_matrix(logits[0], mask_logits[0], targets[0]["labels"],
+                               targets[0]["masks"]).double().numpy()
+    assert cost[qi.numpy(), gi.numpy()].sum() == pytest.approx(_brute_force(cost), abs=1e-9)
+
+
+def test_empty_targets():
+    matcher = HungarianMatcher()
+    out = matcher(torch.randn(2, 4, 2), torch.randn(2, 4, 5, 5),
+                  [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 5, 5)}] * 2)
+    assert all(len(q) == 0 and len(g) == 0 for q, g in out)
+
+
+def test_cost_is_weighted_sum_of_float64_formulas():
+    g = torch.Generator().manual_seed(1)
+    q, k, n, p = 5, 4, 3, 30
+    logits = torch.randn(q, k, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, k, (n,), generator=g)
+    ml = torch.randn(q, 5, 6, generator=g, dtype=torch.float64)
+    tm = torch.rand(n, 5, 6, generator=g, dtype=torch.float64)
+    cost = HungarianMatcher(cost_class=2.0, cost_mask=3.0).cost_matrix(
+        logits.float(), ml.float(), labels, tm.float()).double()
+    expected = np.zeros((q, n))
+    for i in range(q):
+        for j in range(n):
+            s = 1 / (1 + np.exp(-logits[i, labels[j]].item()))
+            pos = 0.25 * (1 - s) ** 2 * -np.log(s)
+            neg = 0.75 * s ** 2 * -np.log(1 - s)
+            pm = 1 / (1 + np.exp(-ml[i].numpy()))
+            t = tm[j].numpy()
+            inter = (pm * t).sum()
+            iou = inter / (pm.sum() + t.sum() - inter)
+            expected[i, j] = 2.0 * (pos - neg) + 3.0 * (1 - iou)
+    np.testing.assert_allclose(cost.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_focal_class_cost_prefers_confident_correct_class():
+    logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0]])
+    c = focal_class_cost(logits, torch.tensor([0, 1]))
+    assert c[0, 0] < c[1, 0] and c[1, 1] < c[0, 1]
+
+
+def test_soft_iou_float64_soft_masks():
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(4, 50, generator=g, dtype=torch.float64)
+    b = torch.rand(3, 50, generator=g, dtype=torch.float64)
+    iou = soft_mask_iou(a, b)
+    for i in range(4):
+        for j in range(3):
+            inter = float((a[i] * b[j]).sum())
+            assert iou[i, j].item() == pytest.approx(inter / (float(a[i].sum() + b[j].sum()) - inter),
+                                                     rel=1e-12)
+
+
+def test_soft_iou_equals_coco_iou_on_binary_masks():
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(5, 20, 24, generator=g) > 0.6
+    b = torch.rand(4, 20, 24, generator=g) > 0.4
+    a[0] = b[0]  # one exact match
+    ours = soft_mask_iou(a.flatten(1).float(), b.flatten(1).float()).numpy()
+    enc = lambda m: mask_util.encode(np.asfortranarray(m.numpy().transpose(1, 2, 0).astype(np.uint8)))
+    coco = mask_util.iou(enc(a), enc(b), [0] * 4)
+    np.testing.assert_allclose(ours, coco, rtol=1e-6)
+    assert ours[0, 0] == pytest.approx(1.0)
