@@ -100,13 +100,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
-def _is_truncation(exc):
-    text = str(exc).lower()
-    keys = ("central directory", "truncated", "eof", "unexpected end", "failed reading",
-            "incomplete", "invalid load key", "header too large", "metadata")
-    return isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(k in text for k in keys)
-
-
 def _global_detail(exc):
     """The line of torch's refusal message that names the offending global."""
     lines = [ln.strip() for ln in str(exc).splitlines()

@@ -251,8 +251,8 @@ def _map_class_head(source, class_keys, target_shapes, num_classes, out, mapped,
     last = layers[-1]
     for key, name in class_keys.items():
         if int(name.split(".")[1]) != last:
-            unmapped[key] = f"class head of decoder layer {name.split('.')[1]}: ISDA shares one " \
-                            f"head, taken from the last layer ({last})"
+            unmapped[key] = (f"class head copy of an earlier decoder layer: ISDA shares one "
+                             f"head, taken from the last layer ({last})")
     src = {name.split(".")[-1]: (key, source[key]) for key, name in class_keys.items()
            if int(name.split(".")[1]) == last}
     src_classes = src["weight"][1].shape[0]
@@ -310,7 +310,8 @@ def summarize(report):
         lines.append(f"conv biases set to zero (source conv has none): {report['zero_filled']}")
     groups = {}
     for k in report["target_at_init"]:
-        groups.setdefault(".".join(k.split(".")[:2]), []).append(k)
+        depth = 3 if k.startswith("mapper.") else 2
+        groups.setdefault(".".join(k.split(".")[:depth]), []).append(k)
     lines.append(f"ISDA keys left at init ({len(report['target_at_init'])}):")
     for g, keys in groups.items():
         lines.append(f"  {g}.* ({len(keys)})")
