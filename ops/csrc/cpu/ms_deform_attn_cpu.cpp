@@ -13,8 +13,8 @@
 //    accumulated by one thread in a fixed (query, level, point, corner) order, so results are
 //    bit-identical across runs and for any number of threads. Parallelism is bounded by N * M
 //    (8 per image with 8 heads), which covers the CPU core counts this op targets.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>

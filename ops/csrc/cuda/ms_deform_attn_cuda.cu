@@ -9,12 +9,12 @@
 //    grad_output into grad_value with atomicAdd. Sample points of different queries may hit the
 //    same corner, so the order of those float additions is scheduling dependent: grad_value on
 //    the GPU is NOT bit-reproducible run to run (differences at rounding level). The CPU path is.
+#include <ATen/ATen.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <vector>

@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""Benchmark of multi-scale deformable attention on the CPU: compiled op vs grid_sample reference.
+
+    python benchmarks/ms_deform_attn.py            # full: encoder batch 1 and 2, decoder batch 1 and 2
+    python benchmarks/ms_deform_attn.py --quick    # encoder batch 1, 3 repeats, no fwd-only memory
+
+Shapes (Deformable DETR on an 800x1216 image): levels 100x152, 50x76, 25x38, 13x19
+(S = 20197), M = 8 heads, D = 32 channels per head, L = 4 levels, P = 4 points.
+  encoder: Lq = S queries, each sampling around its own pixel (reference point = pixel centre,
+           offsets ~ N(0, 2 px)), as the encoder does;
+  decoder: Lq = 300 queries with random reference points and the same offsets.
+Times are medians of --repeats runs after warm-up, in this process. Peak memory runs every
+(shape, implementation, pass) in its own subprocess: peak RSS (VmHWM) after one pass minus the RSS
+once the inputs are allocated. Prints a markdown table; the last stdout line is one JSON object
+(encoder shape, batch 1): fwd_speedup, bwd_speedup (forward+backward), peak_mem_ratio
+(compiled / reference, forward+backward), the absolute medians and peaks.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+LEVELS = [(100, 152), (50, 76), (25, 38), (13, 19)]
+M, D, P = 8, 32, 4
+IMPLS = ("reference", "compiled")
+
+
+def make_inputs(shape: str, batch: int, requires_grad: bool, seed: int = 0):
+    """(value [N,S,M,D], spatial_shapes, level_start_index, locations [N,Lq,M,L,P,2],
+    attention_weights [N,Lq,M,L,P]) in float32."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(LEVELS, dtype=torch.int64)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cumsum(sizes, 0) - sizes
+    S, L = int(sizes.sum()), len(LEVELS)
+    if shape == "encoder":
+        refs = []
+        for H, W in LEVELS:
+            ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W,
+                                    indexing="ij")
+            refs.append(torch.stack([xs, ys], -1).reshape(-1, 2))
+        ref = torch.cat(refs).expand(batch, S, 2)
+    else:
+        ref = torch.rand(batch, 300, 2, generator=g)
+    Lq = ref.shape[1]
+    pixel = torch.tensor([[1.0 / W, 1.0 / H] for H, W in LEVELS]).view(1, 1, 1, L, 1, 2)
+    loc = ref[:, :, None, None, None, :] + torch.randn(batch, Lq, M, L, P, 2, generator=g) * 2 * pixel
+    value = torch.randn(batch, S, M, D, generator=g)
+    attn = torch.rand(batch, Lq, M, L * P, generator=g).softmax(-1).view(batch, Lq, M, L, P)
+    grad_out = torch.randn(batch, Lq, M * D, generator=g)
+    tensors = [t.contiguous().requires_grad_(requires_grad) for t in (value, loc, attn)]
+    return tensors[0], shapes, starts, tensors[1], tensors[2], grad_out
+
+
+def run_once(impl: str, args, backward: bool):
+    from isda.layers.ms_deform_attn import ms_deform_attn, set_backend
+
+    value, shapes, starts, loc, attn, grad_out = args
+    with set_backend(impl):
+        if not backward:
+            with torch.no_grad():
+                return ms_deform_attn(value, shapes, starts, loc, attn)
+        for t in (value, loc, attn):
+            t.grad = None
+        out = ms_deform_attn(value, shapes, starts, loc, attn)
+        out.backward(grad_out)
+        return out
+
+
+def median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_worker(shape: str, batch: int, impl: str, backward: bool) -> None:
+    """Subprocess body: print the peak RSS increase (MB) of one pass."""
+    import isda.layers.ms_deform_attn  # noqa: F401  (import cost outside the measurement)
+
+    args = make_inputs(shape, batch, requires_grad=backward)
+    base = _status_kb("VmRSS")
+    run_once(impl, args, backward)
+    print(json.dumps({"peak_mb": max(0, _status_kb("VmHWM") - base) / 1024.0}))
+
+
+def measure_memory(shape: str, batch: int, impl: str, backward: bool) -> float:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker",
+           json.dumps([shape, batch, impl, backward])]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _num(x: float, digits: int):
+    """Rounded number, or None (JSON null) when not measured."""
+    return None if x != x else round(x, digits)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="encoder batch 1 only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs (median)")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.memory_worker:
+        shape, batch, impl, backward = json.loads(opts.memory_worker)
+        memory_worker(shape, batch, impl, backward)
+        return
+
+    from isda.layers.ms_deform_attn import compiled_available
+
+    if not compiled_available("cpu"):
+        sys.exit("isda._C is not built: run `pip install --no-build-isolation -e .` first")
+    repeats = opts.repeats or (3 if opts.quick else 7)
+    configs = [("encoder", 1)] if opts.quick else [("encoder", 1), ("encoder", 2),
+                                                   ("decoder", 1), ("decoder", 2)]
+    rows = []
+    for shape, batch in configs:
+        res = {}
+        for impl in IMPLS:
+            fwd_args = make_inputs(shape, batch, requires_grad=False)
+            bwd_args = make_inputs(shape, batch, requires_grad=True)
+            # decoder passes are short: more repeats cost little and steady the median
+            reps = repeats if shape == "encoder" else 5 * repeats
+            res[impl] = {
+                "fwd_ms": median_ms(lambda: run_once(impl, fwd_args, False), reps, 1),
+                "fwdbwd_ms": median_ms(lambda: run_once(impl, bwd_args, True), reps, 1),
+                "fwd_peak_mb": (float("nan") if opts.quick
+                                else measure_memory(shape, batch, impl, False)),
+                "fwdbwd_peak_mb": measure_memory(shape, batch, impl, True),
+            }
+            del fwd_args, bwd_args
+        rows.append((shape, batch, res))
+
+    Lq = {"encoder": sum(h * w for h, w in LEVELS), "decoder": 300}
+    print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}, float32, "
+          f"M={M} D={D} L={len(LEVELS)} P={P}, levels {LEVELS}, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print("| shape | N | Lq | impl | fwd ms | fwd+bwd ms | fwd peak MB | fwd+bwd peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, batch, res in rows:
+        for impl in IMPLS:
+            r = res[impl]
+            print(f"| {shape} | {batch} | {Lq[shape]} | {impl} | {r['fwd_ms']:.1f} | "
+                  f"{r['fwdbwd_ms']:.1f} | {r['fwd_peak_mb']:.1f} | {r['fwdbwd_peak_mb']:.1f} |")
+        c, r = res["compiled"], res["reference"]
+        print(f"| {shape} | {batch} | {Lq[shape]} | **speedup / mem ratio** | "
+              f"**{r['fwd_ms'] / c['fwd_ms']:.1f}x** | **{r['fwdbwd_ms'] / c['fwdbwd_ms']:.1f}x** | "
+              f"{c['fwd_peak_mb'] / max(r['fwd_peak_mb'], 1e-3):.3f} | "
+              f"{c['fwdbwd_peak_mb'] / max(r['fwdbwd_peak_mb'], 1e-3):.3f} |")
+    c, r = rows[0][2]["compiled"], rows[0][2]["reference"]
+    summary = {
+        "shape": "encoder", "batch": 1, "threads": torch.get_num_threads(), "repeats": repeats,
+        "fwd_speedup": round(r["fwd_ms"] / c["fwd_ms"], 2),
+        "bwd_speedup": round(r["fwdbwd_ms"] / c["fwdbwd_ms"], 2),
+        "peak_mem_ratio": round(c["fwdbwd_peak_mb"] / max(r["fwdbwd_peak_mb"], 1e-3), 4),
+        "fwd_peak_mem_ratio": _num(c["fwd_peak_mb"] / max(r["fwd_peak_mb"], 1e-3), 4),
+        "compiled_fwd_ms": round(c["fwd_ms"], 2), "reference_fwd_ms": round(r["fwd_ms"], 2),
+        "compiled_fwdbwd_ms": round(c["fwdbwd_ms"], 2),
+        "reference_fwdbwd_ms": round(r["fwdbwd_ms"], 2),
+        "compiled_fwdbwd_peak_mb": round(c["fwdbwd_peak_mb"], 1),
+        "reference_fwdbwd_peak_mb": round(r["fwdbwd_peak_mb"], 1),
+        "compiled_fwd_peak_mb": _num(c["fwd_peak_mb"], 1),
+        "reference_fwd_peak_mb": _num(r["fwd_peak_mb"], 1),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
