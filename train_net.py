@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import warnings
+import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
@@ -29,22 +29,19 @@ from isda import add_isda_config
 from isda.data.dataset_mapper import ISDADatasetMapper
 from isda.solver import build_isda_optimizer
 from isda.utils.env import detectron2_has_compiled_ops
-
-try:
-    from isda.checkpoint import ISDACheckpointer as Checkpointer
-except ImportError:  # pragma: no cover - until the checkpoint module exists
-    Checkpointer = DetectionCheckpointer
+from isda.checkpoint import ISDACheckpointer as Checkpointer
 
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with ISDA's data, evaluation, optimiser and checkpointer."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # same arguments as DefaultTrainer's checkpointer, but .safetensors-aware
+    def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before building the hooks:
+        # replace it (same arguments) so the periodic checkpointer and resume use ours.
         self.checkpointer = Checkpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=self._trainer
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        return super().build_hooks()
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

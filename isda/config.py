@@ -56,6 +56,10 @@ def add_isda_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    # input pipeline: the DETR augmentation recipe (isda/data/transforms.py)
+    from .data.transforms import add_isda_input_config
+
+    add_isda_input_config(cfg)
     if not hasattr(cfg.SOLVER, "AMP"):
         cfg.SOLVER.AMP = CN({"ENABLED": False})
     return cfg

@@ -58,18 +58,18 @@ def visualise(config: str, weights: Path, out_png: Path, opts) -> None:
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.detection_utils import read_image
-    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
     import isda  # noqa: F401
     from isda import add_isda_config
+    from isda.predictor import ISDAPredictor
 
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(str(ROOT / config))
     cfg.merge_from_list(list(opts) + ["MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"])
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = ISDAPredictor(cfg)
     rows = []
     for name, index in (("nuclei_val", 0), ("nuclei_train", 0)):
         record = DatasetCatalog.get(name)[index]
@@ -78,7 +78,7 @@ def visualise(config: str, weights: Path, out_png: Path, opts) -> None:
         gt = Visualizer(image, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
         gt_img = gt.draw_dataset_dict(record).get_image()
         with torch.no_grad():
-            inst = predictor(image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image)["instances"]
+            inst = predictor(image, image_format="RGB")["instances"]
         inst = inst.to("cpu")
         inst = inst[inst.scores >= 0.5]
         pred = Visualizer(image, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
