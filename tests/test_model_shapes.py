@@ -21,7 +21,8 @@ def test_stage_shapes_batch_of_different_odd_sizes():
     assert out["images"].tensor.shape == (2, 3, hp, wp)
     assert out["images"].image_sizes == sizes
     # P2..P6 at strides 4..64, all HIDDEN_DIM channels
-    for maps_lvl, stride in zip(out["maps"], (4, 8, 16, 32, 64)):
+    assert sorted(out["maps"]) == [4, 8, 16, 32, 64]
+    for stride, maps_lvl in out["maps"].items():
         assert maps_lvl.shape == (2, c.HIDDEN_DIM, -(-hp // stride), -(-wp // stride))
     tokens = sum(-(-hp // s) * -(-wp // s) for s in (8, 16, 32, 64))
     assert out["memory"].shape == (2, tokens, c.HIDDEN_DIM)

@@ -75,7 +75,9 @@ class ISDA(nn.Module):
         if c.NUM_FEATURE_LEVELS != 4:
             raise ValueError("ISDA uses 4 transformer levels (P3..P6)")
         backbone = build_backbone(cfg)
-        in_features = ["res2", "res3", "res4", "res5"]
+        # P2 only feeds the mask-feature head, which does not read it at stride 8
+        in_features = (["res3", "res4", "res5"] if c.MASK_STRIDE == 8
+                       else ["res2", "res3", "res4", "res5"])
         shapes = backbone.output_shape()
         mapper = ChannelMapper([shapes[f].channels for f in in_features], c.HIDDEN_DIM,
                                num_extra=1, gn_groups=c.GN_GROUPS)
@@ -120,11 +122,13 @@ class ISDA(nn.Module):
         return images, mask
 
     def neck(self, images, pad_mask):
-        """-> list of P2..P6 [N, C, H_l, W_l] and their padding masks [N, H_l, W_l]."""
+        """-> dicts stride -> P_l [N, C, H_l, W_l] (P2..P6; P3..P6 at mask stride 8) and
+        stride -> padding mask [N, H_l, W_l]."""
         feats = self.backbone(images)
         maps = self.mapper([feats[f] for f in self.in_features])
+        strides = [4, 8, 16, 32, 64][-len(maps):]
         masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
-        return maps, masks
+        return dict(zip(strides, maps)), dict(zip(strides, masks))
 
     def flatten_levels(self, maps, masks):
         """P3..P6 -> flattened tokens for the transformer: src, pos (+ level embedding) [N, S, C],
@@ -151,10 +155,12 @@ class ISDA(nn.Module):
 
         Returns a dict with images (ImageList), class logits [layers, N, Q, K], kernels
         [layers, N, Q, D], reference points [N, Q, 2], mask features [N, D, Hp/s, Wp/s] and the
-        intermediate maps (for inspection)."""
+        intermediate maps (dict stride -> P_l) and encoder memory (for inspection)."""
         images, pad_mask = self.preprocess_image(batched_inputs)
         maps, masks = self.neck(images.tensor, pad_mask)
-        src, pos, token_mask, shapes, start, ratios = self.flatten_levels(maps[1:], masks[1:])
+        levels = (8, 16, 32, 64)
+        src, pos, token_mask, shapes, start, ratios = self.flatten_levels(
+            [maps[s] for s in levels], [masks[s] for s in levels])
         memory = self.encoder(src, pos, shapes, start, ratios, token_mask)
         hs, ref = self.decoder(memory, shapes, start, ratios, token_mask)
 
@@ -162,9 +168,9 @@ class ISDA(nn.Module):
             n, _, c = memory.shape
             enc_maps = [t.transpose(1, 2).reshape(n, c, h, w)
                         for t, (h, w) in zip(memory.split(shapes.prod(1).tolist(), 1), shapes.tolist())]
-            mask_in = {4: maps[0], 8: enc_maps[0], 16: enc_maps[1], 32: enc_maps[2]}
+            mask_in = {4: maps.get(4), 8: enc_maps[0], 16: enc_maps[1], 32: enc_maps[2]}
         else:
-            mask_in = {4: maps[0], 8: maps[1], 16: maps[2], 32: maps[3]}
+            mask_in = {s: maps.get(s) for s in (4, 8, 16, 32)}
         mask_features = self.mask_head(mask_in)
         logits, kernels = self.heads(hs, ref)
         return {"images": images, "maps": maps, "memory": memory, "hs": hs, "logits": logits,
