@@ -5,10 +5,15 @@
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS model_final.pth
     python train_net.py --config-file ... --resume            # continue from last_checkpoint
     python train_net.py --config-file configs/nuclei/isda_R18_nuclei.yaml MODEL.DEVICE cpu
+    python train_net.py --config-file ... --num-cpu-procs 2   # 2 CPU processes (gloo)
 
 Only what differs from Detectron2's ``DefaultTrainer`` is overridden: the ISDA dataset mapper,
-COCO instance evaluation, AdamW with lr multipliers and full-model gradient clipping, and a
-checkpointer that also reads ``.safetensors``.
+COCO instance evaluation, AdamW with lr multipliers and full-model gradient clipping, a
+checkpointer that loads safely and saves atomically, and for reliability (docs/reliability.md):
+a training loader that resumes exactly and can skip bad samples (``INPUT.BAD_SAMPLE_POLICY``),
+random states saved in checkpoints, per-iteration losses in ``OUTPUT_DIR/losses.jsonl``, a
+fallback to the previous checkpoint when the last one is corrupt, and CPU multi-process
+training through ``torch.distributed`` (gloo).
 """
 import json
 import logging
@@ -18,8 +23,10 @@ import weakref
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.data import MetadataCatalog, build_detection_test_loader
+from detectron2.engine import (DefaultTrainer, SimpleTrainer, AMPTrainer, create_ddp_model,
+                               default_argument_parser, default_setup, launch)
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -29,19 +36,77 @@ from isda import add_isda_config
 from isda.data.dataset_mapper import ISDADatasetMapper
 from isda.solver import build_isda_optimizer
 from isda.utils.env import detectron2_has_compiled_ops
-from isda.checkpoint import ISDACheckpointer as Checkpointer
+from isda.checkpoint import CorruptCheckpointError, ISDACheckpointer as Checkpointer
+from isda.engine import (BadSampleCounter, LossLogger, RNGStateHook, build_resumable_train_loader,
+                         launch_cpu)
 
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with ISDA's data, evaluation, optimiser and checkpointer."""
 
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ (v0.6), except: DDP also on the CPU (no device_ids there),
+        # ISDA's checkpointer, and the reliability hooks.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_kwargs = {} if cfg.MODEL.DEVICE.startswith("cuda") else {"device_ids": None}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
     def build_hooks(self):
-        # DefaultTrainer.__init__ made a DetectionCheckpointer just before building the hooks:
-        # replace it (same arguments) so the periodic checkpointer and resume use ours.
-        self.checkpointer = Checkpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        return super().build_hooks()
+        period = self.cfg.SOLVER.CHECKPOINT_PERIOD
+        # the random-state snapshot must be taken before the checkpointer saves it
+        ret = [RNGStateHook(period)] + super().build_hooks()
+        loader = self._trainer.data_loader
+        if hasattr(loader, "num_bad_samples"):
+            ret.append(BadSampleCounter(loader, period))
+        ret.append(LossLogger(self.cfg.OUTPUT_DIR))
+        return ret
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's ``resume_or_load``; then the loader skips the batches already trained
+        on. A corrupt last checkpoint is reported and the newest loadable earlier one is used."""
+        try:
+            super().resume_or_load(resume=resume)
+        except CorruptCheckpointError as e:
+            if not resume:
+                raise
+            self._resume_from_previous(e)
+        loader = self._trainer.data_loader
+        if hasattr(loader, "set_start"):
+            loader.set_start(self.start_iter)
+
+    def _resume_from_previous(self, error):
+        log = logging.getLogger("isda")
+        bad = os.path.abspath(self.checkpointer.get_checkpoint_file())
+        folder = os.path.dirname(bad)
+        candidates = sorted((os.path.join(folder, f) for f in os.listdir(folder)
+                             if f.endswith(".pth") and os.path.join(folder, f) != bad),
+                            key=os.path.getmtime, reverse=True)
+        for path in candidates:
+            try:
+                self.checkpointer.load(path)
+            except CorruptCheckpointError as e2:
+                log.warning("%s", e2)
+                continue
+            log.warning("%s\nResuming from the previous good checkpoint '%s' instead (the "
+                        "corrupt file is left in place).", error, path)
+            self.start_iter = self.iter + 1
+            return
+        raise CorruptCheckpointError(f"{error}\nNo earlier loadable checkpoint in '{folder}': "
+                                     "remove the file to start from MODEL.WEIGHTS") from None
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -56,7 +121,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=ISDADatasetMapper(cfg, is_train=True))
+        return build_resumable_train_loader(cfg, ISDADatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -85,13 +150,17 @@ def setup(args):
     add_isda_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if getattr(args, "num_cpu_procs", 1) > 1 and cfg.MODEL.DEVICE != "cpu":
+        logging.getLogger(__name__).warning(
+            "--num-cpu-procs %d: MODEL.DEVICE %s -> cpu", args.num_cpu_procs, cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         warnings.warn("SOLVER.AMP.ENABLED needs a CUDA device in Detectron2 v0.6: disabled on "
                       f"MODEL.DEVICE={cfg.MODEL.DEVICE}")
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
     default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=0, name="isda")
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")
     return cfg
 
 
@@ -114,11 +183,31 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    """Detectron2's parser plus ``--num-cpu-procs``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--num-cpu-procs", type=int, default=1, metavar="N",
+        help="train/evaluate with N CPU processes per machine through torch.distributed (gloo); "
+             "implies MODEL.DEVICE cpu. --num-machines, --machine-rank and --dist-url apply as "
+             "for GPUs. --num-gpus keeps Detectron2's meaning (CUDA GPUs, NCCL)")
+    return parser
+
+
 def cli(argv=None):
-    args = default_argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     print("Command Line Args:", args)
+    if args.num_cpu_procs > 1:
+        if args.num_gpus > 1:
+            raise SystemExit("use either --num-gpus or --num-cpu-procs, not both")
+        dist_url = args.dist_url
+        if args.num_machines == 1 and dist_url == parser.get_default("dist_url"):
+            dist_url = "auto"  # a free local port: concurrent CPU jobs do not collide
+        return launch_cpu(main, args.num_cpu_procs, num_machines=args.num_machines,
+                          machine_rank=args.machine_rank, dist_url=dist_url, args=(args,))
     if args.num_gpus > 1 and not torch.cuda.is_available():
-        raise SystemExit("--num-gpus > 1 needs CUDA GPUs")
+        raise SystemExit("--num-gpus > 1 needs CUDA GPUs; on the CPU use --num-cpu-procs N")
     return launch(main, args.num_gpus, num_machines=args.num_machines,
                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
 

@@ -10,13 +10,22 @@ Masks may come as polygons or as COCO RLE (compressed or not). Crowd annotations
 training targets (ISDA has no "ignore" region in its set loss), degenerate polygons (fewer
 than 3 points) are dropped, and instances whose mask vanishes after cropping are removed;
 images without any instance are kept (all queries learn "no object").
+
+Odd inputs: EXIF orientation is applied, grayscale / RGBA / palette images become
+``INPUT.FORMAT`` (alpha is dropped), 16-bit images are scaled to 8 bits (``v / 257``) instead of
+being clipped. Data that cannot be used (unreadable or truncated file, size different from the
+record, category id outside ``[0, NUM_CLASSES)``, non-finite polygon coordinates, masks of the
+wrong size, ...) raises :class:`BadSampleError` naming the file and the annotation;
+``INPUT.BAD_SAMPLE_POLICY`` decides whether training stops or skips the sample
+(:mod:`isda.engine.loader`).
 """
 import copy
 import logging
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -31,37 +40,77 @@ class BadSampleError(RuntimeError):
     """A dataset record that cannot be turned into a training sample (names the file)."""
 
 
-def _clean_polygons(seg, where: str):
+def read_image(file_name: str, format: str) -> np.ndarray:
+    """Detectron2's ``read_image`` (EXIF orientation, conversion to ``format``), except that
+    16-bit and 32-bit integer / float images are scaled to 8 bits rather than clipped at 255."""
+    with open(file_name, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    image = utils._apply_exif_orientation(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        # 16-bit data (PNG "I;16", or "I" holding values up to 65535): full range -> 0..255
+        scale = 257.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
+    return utils.convert_PIL_to_numpy(image, format)
+
+
+def _ann_name(ann: dict) -> str:
+    """``annotation #i (id N)``: its position in the record's list, and its id when known."""
+    index, ann_id = ann.get("_index"), ann.get("id")
+    name = "annotation" + (f" #{index}" if index is not None else "")
+    return name + (f" (id {ann_id})" if ann_id is not None else "")
+
+
+def _clean_polygons(seg, where: str, ann_name="annotation"):
+    for p in seg:
+        if not np.all(np.isfinite(np.asarray(p, dtype=np.float64))):
+            raise BadSampleError(f"{where}: {ann_name} has non-finite polygon coordinates")
     kept = [p for p in seg if len(p) >= 6 and len(p) % 2 == 0]
     if len(kept) < len(seg):
         logger.debug("%s: dropped %d degenerate polygon part(s)", where, len(seg) - len(kept))
     return kept
 
 
-def annotations_to_instances(annos: List[dict], image_size, where: str = "") -> Instances:
+def _check_category(ann: dict, where: str, num_classes: Optional[int]) -> int:
+    if "category_id" not in ann:
+        raise BadSampleError(f"{where}: {_ann_name(ann)} has no 'category_id'")
+    c = int(ann["category_id"])
+    if c < 0 or (num_classes is not None and c >= num_classes):
+        raise BadSampleError(
+            f"{where}: {_ann_name(ann)} has category_id {c}, outside [0, {num_classes}): "
+            "dataset category ids must be mapped to contiguous ids (Detectron2's load_coco_json "
+            "does it) and MODEL.ISDA.NUM_CLASSES must cover them")
+    return c
+
+
+def annotations_to_instances(annos: List[dict], image_size, where: str = "",
+                             num_classes: Optional[int] = None) -> Instances:
     """Bit-mask ``Instances`` from transformed annotations; boxes are the masks' tight boxes."""
     h, w = image_size
     masks, classes = [], []
     for ann in annos:
         seg = ann.get("segmentation")
         if seg is None:
-            raise BadSampleError(f"{where}: annotation {ann.get('id', '?')} has no 'segmentation'")
+            raise BadSampleError(f"{where}: {_ann_name(ann)} has no 'segmentation'")
+        category = _check_category(ann, where, num_classes)
         if isinstance(seg, list):
-            seg = _clean_polygons(seg, where)
+            seg = _clean_polygons(seg, where, _ann_name(ann))
             if not seg:
                 continue
             m = utils.polygons_to_bitmask(seg, h, w)
         elif isinstance(seg, np.ndarray):
             m = seg.astype(bool)
         else:
-            raise BadSampleError(f"{where}: annotation {ann.get('id', '?')}: unsupported "
+            raise BadSampleError(f"{where}: {_ann_name(ann)}: unsupported "
                                  f"segmentation type {type(seg).__name__} after transforms")
         if m.shape != (h, w):
-            raise BadSampleError(f"{where}: mask shape {m.shape} != image shape {(h, w)}")
+            raise BadSampleError(f"{where}: {_ann_name(ann)}: mask shape "
+                                 f"{m.shape} != image shape {(h, w)}")
         if not m.any():
             continue
         masks.append(m)
-        classes.append(int(ann["category_id"]))
+        classes.append(category)
     inst = Instances((h, w))
     inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
     if masks:
@@ -76,8 +125,12 @@ class ISDADatasetMapper:
     """Reads, augments and converts one dataset dict for ISDA (train or test)."""
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str):
+    def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str,
+                 num_classes: Optional[int] = None):
+        """``num_classes``: when given, training annotations must have ``0 <= category_id <
+        num_classes`` (otherwise :class:`BadSampleError`)."""
         self.is_train = is_train
+        self.num_classes = num_classes
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         logger.info("[ISDADatasetMapper] %s augmentations: %s",
@@ -87,16 +140,20 @@ class ISDADatasetMapper:
     def from_config(cls, cfg, is_train: bool = True):
         return {"is_train": is_train,
                 "augmentations": build_isda_augmentation(cfg, is_train),
-                "image_format": cfg.INPUT.FORMAT}
+                "image_format": cfg.INPUT.FORMAT,
+                "num_classes": cfg.MODEL.ISDA.NUM_CLASSES if "ISDA" in cfg.MODEL else None}
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict.get("file_name", "<no file_name>")
         try:
-            image = utils.read_image(file_name, format=self.image_format)
+            image = read_image(file_name, format=self.image_format)
         except Exception as e:  # noqa: BLE001 - re-raised with the file named
             raise BadSampleError(f"{file_name}: cannot read image ({type(e).__name__}: {e})") from e
-        utils.check_image_size(dataset_dict, image)
+        try:
+            utils.check_image_size(dataset_dict, image)
+        except utils.SizeMismatchError as e:
+            raise BadSampleError(f"{file_name}: {e}") from e
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
@@ -109,17 +166,20 @@ class ISDADatasetMapper:
             return dataset_dict
 
         annos = []
-        for obj in dataset_dict.pop("annotations", []):
+        for i, obj in enumerate(dataset_dict.pop("annotations", [])):
             if obj.get("iscrowd", 0):
                 continue
+            obj["_index"] = i
             if isinstance(obj.get("segmentation"), list):
-                obj["segmentation"] = _clean_polygons(obj["segmentation"], file_name)
+                obj["segmentation"] = _clean_polygons(obj["segmentation"], file_name,
+                                                      _ann_name(obj))
                 if not obj["segmentation"]:
                     continue
             try:
                 annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
             except Exception as e:  # noqa: BLE001
-                raise BadSampleError(f"{file_name}: annotation {obj.get('id', '?')} cannot be "
+                raise BadSampleError(f"{file_name}: {_ann_name(obj)} cannot be "
                                      f"transformed ({type(e).__name__}: {e})") from e
-        dataset_dict["instances"] = annotations_to_instances(annos, image_shape, file_name)
+        dataset_dict["instances"] = annotations_to_instances(annos, image_shape, file_name,
+                                                             self.num_classes)
         return dataset_dict
