@@ -353,3 +353,21 @@ def test_fvcore_flop_handle():
         counter.unsupported_ops_warnings(False)
         total = counter.total()
     assert total == 5 * 1 * 3 * 2 * 2 * 2 * 8
+
+
+def test_extension_direct_calls_upcast_and_check():
+    from isda import _C
+
+    value, shapes, starts, loc, attn = _inputs([(4, 3), (2, 2)], N=1, Lq=3, M=2, D=5, P=2, seed=8)
+    ref = ms_deform_attn_reference(value, shapes, starts, loc, attn)
+    half = [t.to(torch.bfloat16) for t in (value, loc, attn)]
+    out = _C.ms_deform_attn_forward(half[0], shapes, starts, half[1], half[2])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=5e-2)
+    grads = _C.ms_deform_attn_backward(half[0], shapes, starts, half[1], half[2],
+                                       torch.ones_like(out))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    with pytest.raises(RuntimeError, match="dtype"):
+        _C.ms_deform_attn_forward(value, shapes, starts, loc.float(), attn)
+    with pytest.raises(RuntimeError, match="attention_weights"):
+        _C.ms_deform_attn_forward(value, shapes, starts, loc, attn[..., :1])
