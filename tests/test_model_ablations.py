@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from isda.modeling.heads import inverse_sigmoid
-from test_model_helpers import build, small_cfg, synthetic_input
+from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 H, W = 72, 100  # padded to 96 x 128
 

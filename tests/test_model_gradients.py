@@ -1,9 +1,12 @@
 """Training steps: every trainable parameter gets a gradient, frozen ones never change."""
+import pytest
 import torch
 
 from detectron2.layers import FrozenBatchNorm2d
 
-from test_model_helpers import build, small_cfg, synthetic_input
+from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_all_trainable_parameters_get_gradients_and_frozen_stay():

@@ -1,6 +1,7 @@
 """Shared helpers of the model tests (small configs, synthetic inputs) and config-key tests."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from detectron2.config import get_cfg
@@ -10,6 +11,16 @@ from detectron2.structures import BitMasks, Instances
 import isda
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: on busy shared cores, multi-threaded CPU kernels
+    slow these small workloads down by up to 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def small_cfg(*opts):

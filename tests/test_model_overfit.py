@@ -14,6 +14,9 @@ from detectron2.modeling import build_model
 
 import isda
 from isda.data.minimal_mapper import MinimalInstanceMapper
+from test_model_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "nuclei" / "isda_R18_tiny.yaml"
 
@@ -66,7 +69,6 @@ def evaluate(model, cfg, output_dir):
     return inference_on_dataset(model, loader, evaluator)["segm"]
 
 
-@pytest.mark.slow
 def test_overfit_nuclei_ap50(tmp_path):
     start = time.time()
     cfg = tiny_cfg()

@@ -4,9 +4,13 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from isda.modeling.postprocess import isda_postprocess, masks_to_boxes
+from test_model_helpers import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_outputs(q=20, k=3, h=16, w=20, seed=0):

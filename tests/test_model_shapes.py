@@ -1,7 +1,10 @@
 """Tensor shapes at every stage of ISDA, for odd input sizes and batches of different sizes."""
+import pytest
 import torch
 
-from test_model_helpers import build, small_cfg, synthetic_input
+from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ceil32(x):
