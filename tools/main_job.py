@@ -31,7 +31,7 @@ def run(cmd, log_file: Path) -> float:
                                 text=True, bufsize=1)
         for line in proc.stdout:
             log.write(line)
-            if any(k in line for k in ("eta:", "Average Precision", "copypaste", "Error", "error")):
+            if any(k in line for k in ("eta:", "copypaste:", "Traceback", "Error:")):
                 print("   " + line.rstrip()[:160], flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
