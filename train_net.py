@@ -75,6 +75,22 @@ class Trainer(DefaultTrainer):
         ret.append(LossLogger(self.cfg.OUTPUT_DIR))
         return ret
 
+    def state_dict(self):
+        # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer):
+        # stored under "_trainer" as later Detectron2 versions do
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger("isda").warning(
+                "The checkpoint holds no optimizer state (written by an older train_net.py): "
+                "the optimizer restarts from scratch")
+
     def resume_or_load(self, resume=True):
         """Detectron2's ``resume_or_load``; then the loader skips the batches already trained
         on. A corrupt last checkpoint is reported and the newest loadable earlier one is used."""

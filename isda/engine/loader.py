@@ -105,9 +105,13 @@ class ResumableTrainLoader:
     def __iter__(self):
         # a generator: nothing is read (and no worker starts) before the first ``next``, so
         # ``set_start`` after the trainer's eager ``iter(loader)`` still takes effect
+        # a private generator: creating the iterator must not draw from the global torch RNG
+        # (a resumed run creates it at another point of the random stream)
+        generator = torch.Generator()
+        generator.manual_seed(self.dataset.seed * 1000 + self.dataset.rank)
         loader = DataLoader(self.dataset, batch_sampler=self.batch_sampler,
                             num_workers=self.num_workers, collate_fn=_collate,
-                            worker_init_fn=worker_init_reset_seed)
+                            worker_init_fn=worker_init_reset_seed, generator=generator)
         for batch in loader:
             self.num_bad_samples += sum(len(skipped) for _, skipped in batch)
             yield [sample for sample, _ in batch]
