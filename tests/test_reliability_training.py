@@ -1,0 +1,109 @@
+"""The training loop with bad samples (INPUT.BAD_SAMPLE_POLICY) and non-finite losses, through
+train_net's Trainer in this process on the embedded nuclei tiles."""
+import copy
+import itertools
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.samplers import TrainingSampler
+
+import isda  # noqa: F401
+from isda.data.dataset_mapper import BadSampleError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_net  # noqa: E402
+
+SMALL = [
+    "MODEL.DEVICE", "cpu", "MODEL.ISDA.NUM_QUERIES", "10", "MODEL.ISDA.ENC_LAYERS", "1",
+    "MODEL.ISDA.DEC_LAYERS", "1", "INPUT.MIN_SIZE_TRAIN", "(32,)", "INPUT.MAX_SIZE_TRAIN", "48",
+    "INPUT.CROP.ENABLED", "False", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()",
+    "DATALOADER.ASPECT_RATIO_GROUPING", "False", "SEED", "3",
+]
+
+
+def make_trainer(out, *opts):
+    args = train_net.argument_parser().parse_args(
+        ["--config-file", str(ROOT / "configs/nuclei/isda_R18_tiny.yaml"), *SMALL, *opts,
+         "OUTPUT_DIR", str(out)])
+    trainer = train_net.Trainer(train_net.setup(args))
+    trainer.resume_or_load(resume=False)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory):
+    """nuclei_train's 8 tiles + a missing file + a truncated PNG (indices 8 and 9)."""
+    folder = tmp_path_factory.mktemp("bad")
+    good = copy.deepcopy(DatasetCatalog.get("nuclei_train"))
+    data = open(good[0]["file_name"], "rb").read()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    bad = [dict(good[0], file_name=str(folder / "missing.png"), image_id=100),
+           dict(good[1], file_name=str(folder / "cut.png"), image_id=101)]
+    name = f"rel_bad_{uuid.uuid4().hex[:8]}"
+    records = good + bad
+    DatasetCatalog.register(name, lambda: copy.deepcopy(records))
+    MetadataCatalog.get(name).set(thing_classes=["nucleus"])
+    return name, len(good), len(records)
+
+
+def expected_skips(n_good, n_total, seed, n_samples):
+    """Reference count: Detectron2's TrainingSampler stream; a bad record is replaced by the
+    next one in the dataset, which may be bad again."""
+    skips = 0
+    for idx in itertools.islice(iter(TrainingSampler(n_total, seed=seed)), n_samples):
+        while idx >= n_good:
+            skips += 1
+            idx = (idx + 1) % n_total
+    return skips
+
+
+def test_skip_policy_trains_logs_and_counts_bad_samples(bad_dataset, tmp_path):
+    name, n_good, n_total = bad_dataset
+    iters = 6
+    expected = expected_skips(n_good, n_total, 3, 2 * iters)
+    assert expected > 0, "choose a seed whose first batches include bad records"
+    trainer = make_trainer(tmp_path, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER",
+                           str(iters), "INPUT.BAD_SAMPLE_POLICY", "skip")
+    trainer.train()
+    log = (tmp_path / "log.txt").read_text()
+    assert re.search(r"Skipping bad sample .*missing\.png: cannot read image", log) or \
+        re.search(r"Skipping bad sample .*cut\.png: cannot read image", log)
+    final = [ln for ln in log.splitlines() if "Bad samples skipped during training" in ln]
+    assert final and final[-1].rstrip().endswith(f"training: {expected} (INPUT.BAD_SAMPLE_POLICY=skip)")
+    assert trainer.storage.latest()["data/bad_samples"][0] == expected
+
+
+def test_raise_policy_stops_with_the_file_named(bad_dataset, tmp_path):
+    name, n_good, n_total = bad_dataset
+    trainer = make_trainer(tmp_path, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "6")
+    with pytest.raises(BadSampleError, match=r"(missing|cut)\.png: cannot read image"):
+        trainer.train()
+
+
+def test_nan_loss_stops_with_iteration_and_loss_names_without_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "1")
+    model = trainer._trainer.model
+    forward = model.forward
+
+    def poisoned(batched_inputs):
+        losses = forward(batched_inputs)
+        if trainer.iter == 2:
+            losses["loss_dice"] = losses["loss_dice"] * float("nan")
+        return losses
+
+    model.forward = poisoned
+    with pytest.raises(FloatingPointError) as exc:
+        trainer.train()
+    msg = str(exc.value)
+    assert "iteration=2" in msg and "loss_dice" in msg and "loss_focal" in msg
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth",
+                                                              "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+    state = torch.load(tmp_path / "model_0000001.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
