@@ -33,11 +33,14 @@ def test_dice_loss_float64():
         p = [_sig(v) for v in x[i].tolist()]
         tt = t[i].tolist()
         inter = sum(a * b for a, b in zip(p, tt))
-        ref = 1 - (2 * inter + 1) / (sum(p) + sum(tt) + 1)
+        ref = 1 - 2 * inter / (sum(a * a for a in p) + sum(b * b for b in tt) + 2e-3)
         assert got[i].item() == pytest.approx(ref, rel=1e-9)
     # a perfect, confident prediction has (almost) zero loss
     big = torch.tensor([[30.0, -30.0, 30.0]], dtype=torch.float64)
-    assert dice_loss(big, torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)).item() < 1e-9
+    assert dice_loss(big, torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64)).item() < 1e-3
+    # an empty prediction is the worst case (loss 1), not a smoothed local minimum
+    t1 = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert dice_loss(torch.full((1, 4), -30.0, dtype=torch.float64), t1).item() > 0.999
 
 
 def test_normaliser_counts_instances_and_clamps():

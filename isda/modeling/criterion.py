@@ -4,6 +4,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from .heads import predict_masks
+
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Element-wise focal loss (summed by the caller). logits, targets: same shape."""
@@ -16,13 +18,16 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     return loss
 
 
-def dice_loss(mask_logits, targets, eps=1.0):
-    """Per-mask dice loss 1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps).
+def dice_loss(mask_logits, targets, eps=1e-3):
+    """Per-mask dice loss in the V-Net / SOLOv2 form (mmdetection's non-naive ``DiceLoss``):
+    ``1 - 2 sum(p t) / (sum(p^2) + eps + sum(t^2) + eps)``.
 
+    Unlike the "+1"-smoothed form, an empty prediction is never a minimum for a non-empty
+    target, so queries matched to hard targets do not collapse to all-background masks.
     mask_logits, targets: [M, P] -> [M]."""
     p = mask_logits.sigmoid()
-    num = 2 * (p * targets).sum(-1) + eps
-    den = p.sum(-1) + targets.sum(-1) + eps
+    num = 2 * (p * targets).sum(-1)
+    den = (p * p).sum(-1) + (targets * targets).sum(-1) + 2 * eps
     return 1 - num / den
 
 
@@ -53,9 +58,10 @@ class SetCriterion(nn.Module):
         self.gamma = focal_gamma
         self.deep_supervision = deep_supervision
 
-    def layer_losses(self, logits, mask_logits, targets, num_inst):
-        """logits: [N, Q, K]; mask_logits: [N, Q, H, W] -> dict of two scalar losses."""
-        indices = self.matcher(logits, mask_logits, targets)
+    def layer_losses(self, logits, masks, targets, num_inst):
+        """logits: [N, Q, K]; masks: a :class:`DenseMasks` or :class:`KernelMasks` of the same
+        layer -> dict of two scalar losses."""
+        indices = self.matcher(logits, masks.for_matching(), targets)
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         device = logits.device
@@ -66,22 +72,62 @@ class SetCriterion(nn.Module):
         cls_target[batch_idx, query_idx, labels] = 1.0
         loss_focal = sigmoid_focal_loss(logits, cls_target, self.alpha, self.gamma).sum() / num_inst
 
-        src_masks = mask_logits[batch_idx, query_idx].flatten(1)
+        src_masks = masks.select(indices)
         tgt_masks = torch.cat([t["masks"][g.to(device)] for t, (_, g) in zip(targets, indices)])
         tgt_masks = tgt_masks.flatten(1).to(src_masks.dtype)
         loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
         return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
 
-    def forward(self, all_logits, all_mask_logits, targets):
-        """all_logits: [layers, N, Q, K]; all_mask_logits: [layers, N, Q, H, W]; targets: list
-        (per image) of {"labels": [G], "masks": [G, H, W] soft targets on the mask grid}.
-        Returns a dict of losses; layer l < last is suffixed ``_l``."""
+    def forward(self, all_logits, all_mask_logits, targets, mask_features=None):
+        """all_logits: [layers, N, Q, K]; all_mask_logits: [layers, N, Q, H, W], or, with
+        ``mask_features`` [N, D, H, W], the kernels [layers, N, Q, D] (then the mask logits of
+        every query are only computed without gradient for matching, and with gradient only for
+        the matched queries); targets: list (per image) of {"labels": [G], "masks": [G, H, W]
+        soft targets on the mask grid}. Returns a dict of losses; layer l < last is suffixed
+        ``_l``."""
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
         layers = range(n_layers) if self.deep_supervision else [n_layers - 1]
         losses = {}
         for l in layers:
-            out = self.layer_losses(all_logits[l].float(), all_mask_logits[l].float(), targets, num_inst)
+            masks = (DenseMasks(all_mask_logits[l].float()) if mask_features is None
+                     else KernelMasks(all_mask_logits[l], mask_features))
+            out = self.layer_losses(all_logits[l].float(), masks, targets, num_inst)
             suffix = "" if l == n_layers - 1 else f"_{l}"
             losses.update({k + suffix: v for k, v in out.items()})
         return losses
+
+
+class DenseMasks:
+    """Mask logits of one layer given as a tensor [N, Q, H, W]."""
+
+    def __init__(self, mask_logits):
+        self.mask_logits = mask_logits
+
+    def for_matching(self):
+        return self.mask_logits.detach()
+
+    def select(self, indices):
+        """indices: per image (query indices, target indices) -> [M, H * W] (with gradient)."""
+        return torch.cat([self.mask_logits[i, q.to(self.mask_logits.device)].flatten(1)
+                          for i, (q, _) in enumerate(indices)])
+
+
+class KernelMasks:
+    """Mask logits of one layer as kernels [N, Q, D] applied to mask features [N, D, H, W],
+    computed on demand: all queries without gradient, the selected ones with gradient (so the
+    backward pass never sees the [N, Q, H, W] logits of unmatched queries)."""
+
+    def __init__(self, kernels, mask_features):
+        self.kernels = kernels
+        self.mask_features = mask_features
+
+    def for_matching(self):
+        with torch.no_grad():
+            return predict_masks(self.kernels, self.mask_features).float()
+
+    def select(self, indices):
+        n, d = self.mask_features.shape[:2]
+        feats = self.mask_features.reshape(n, d, -1)
+        return torch.cat([self.kernels[i, q.to(self.kernels.device)] @ feats[i]
+                          for i, (q, _) in enumerate(indices)]).float()
