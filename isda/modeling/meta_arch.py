@@ -16,7 +16,7 @@ from .heads import ISDAHeads, predict_masks
 from .mask_feature_head import MaskFeatureHead
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import isda_postprocess
+from .postprocess import instances_from_topk, select_topk
 
 SIZE_DIVISIBILITY = 32
 
@@ -124,7 +124,9 @@ class ISDA(nn.Module):
     def neck(self, images, pad_mask):
         """-> dicts stride -> P_l [N, C, H_l, W_l] (P2..P6; P3..P6 at mask stride 8) and
         stride -> padding mask [N, H_l, W_l]."""
-        feats = self.backbone(images)
+        # channels-last: the CPU (oneDNN) convolutions of the backbone, mapper and mask head run
+        # about 1.5x faster, and flattening a channels-last map to tokens is a free view
+        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
         maps = self.mapper([feats[f] for f in self.in_features])
         strides = [4, 8, 16, 32, 64][-len(maps):]
         masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
@@ -201,19 +203,20 @@ class ISDA(nn.Module):
         out = self.forward_features(batched_inputs)
         mask_features = out["mask_features"]
         if self.training:
-            mask_logits = predict_masks(out["kernels"], mask_features)  # [layers, N, Q, h, w]
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
-            return self.criterion(out["logits"], mask_logits, targets)
+            # mask logits are computed inside, with gradient only for the matched queries
+            return self.criterion(out["logits"], out["kernels"], targets, mask_features)
 
-        logits = out["logits"][-1]
-        mask_logits = predict_masks(out["kernels"][-1], mask_features)  # [N, Q, h, w]
+        logits, kernels = out["logits"][-1], out["kernels"][-1]
         results = []
         for i, x in enumerate(batched_inputs):
             image_size = out["images"].image_sizes[i]
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            inst = isda_postprocess(logits[i], mask_logits[i], image_size, (height, width),
-                                    self.mask_stride, self.test_topk, self.mask_threshold,
-                                    self.chunk_pixels)
+            # masks only for the top-k (query, class) pairs, not for every query
+            cls_scores, query_idx, classes = select_topk(logits[i], self.test_topk)
+            mask_logits = predict_masks(kernels[i, query_idx][None], mask_features[i:i + 1])[0]
+            inst = instances_from_topk(cls_scores, classes, mask_logits, image_size,
+                                       (height, width), self.mask_stride, self.mask_threshold)
             results.append({"instances": inst})
         return results

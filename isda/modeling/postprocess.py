@@ -27,51 +27,83 @@ def masks_to_boxes(masks):
     return boxes
 
 
+def select_topk(cls_logits, topk=100):
+    """Top-k (query, class) pairs of ``cls_logits`` [Q, K] -> (scores [T], query index [T],
+    class [T]), unsorted."""
+    k = cls_logits.shape[1]
+    scores = cls_logits.float().sigmoid().flatten()
+    topk = min(topk, scores.numel())
+    cls_scores, idx = scores.topk(topk, sorted=False)
+    return cls_scores, torch.div(idx, k, rounding_mode="floor"), idx % k
+
+
 @torch.no_grad()
 def isda_postprocess(cls_logits, mask_logits, image_size, output_size, mask_stride=4, topk=100,
-                     mask_threshold=0.5, chunk_pixels=1 << 25):
+                     mask_threshold=0.5, chunk_pixels=None):
     """One image's predictions -> :class:`Instances` at ``output_size``.
 
     cls_logits: [Q, K]; mask_logits: [Q, h, w] on the padded mask grid (stride ``mask_stride``);
     image_size: (H_in, W_in) unpadded network input; output_size: (H, W) original image.
-    Memory beyond the returned boolean masks stays bounded: the upsampling to the padded input
-    runs in chunks of at most ``chunk_pixels`` pixels, and the resize to the original size is
-    evaluated per mask only on the window where the mask can exceed the threshold.
+    ``chunk_pixels`` is accepted for compatibility (masks are now processed one window at a time).
     """
-    q, k = cls_logits.shape
-    scores = cls_logits.float().sigmoid().flatten()
-    topk = min(topk, scores.numel())
-    cls_scores, idx = scores.topk(topk, sorted=False)
-    query_idx = torch.div(idx, k, rounding_mode="floor")
-    classes = idx % k
+    cls_scores, query_idx, classes = select_topk(cls_logits, topk)
+    return instances_from_topk(cls_scores, classes, mask_logits[query_idx], image_size,
+                               output_size, mask_stride, mask_threshold)
 
-    probs = mask_logits[query_idx].float().sigmoid()  # [T, h, w]
+
+@torch.no_grad()
+def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_size, mask_stride=4,
+                        mask_threshold=0.5):
+    """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
+    :class:`Instances` sorted by score = class score x mask score.
+
+    Each mask is upsampled by ``mask_stride`` only on the window around its pixels above the
+    threshold (bilinear values never exceed their source pixels, and with an integer factor the
+    window's values are bit-identical to those of the full upsampling), then resized to the
+    original size the same way (skipped when the original size is the input size: a same-size
+    bilinear resize is the identity). Memory beyond the returned boolean masks is one window.
+    """
+    probs = mask_logits.float().sigmoid()  # [T, h, w]
     binary = probs > mask_threshold
     mask_scores = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
     final = cls_scores * mask_scores
     order = final.argsort(descending=True)
-    final, classes, probs = final[order], classes[order], probs[order]
+    final, classes, probs, binary = final[order], classes[order], probs[order], binary[order]
 
+    topk = probs.shape[0]
     h_in, w_in = image_size
     out_h, out_w = output_size
-    pad_h, pad_w = probs.shape[-2] * mask_stride, probs.shape[-1] * mask_stride
+    identity = (out_h, out_w) == (h_in, w_in)
     out_masks = torch.zeros(topk, out_h, out_w, dtype=torch.bool, device=probs.device)
     boxes = torch.zeros(topk, 4, dtype=torch.float32, device=probs.device)
-    chunk = max(1, chunk_pixels // (pad_h * pad_w))
-    for s in range(0, topk, chunk):
-        m = F.interpolate(probs[s:s + chunk, None], size=(pad_h, pad_w), mode="bilinear",
-                          align_corners=False)[:, 0, :h_in, :w_in]
-        for j in range(m.shape[0]):
-            window = _resize_window(m[j], (out_h, out_w), mask_threshold)
+    rows_any, cols_any = binary.any(2).cpu(), binary.any(1).cpu()
+    h, w = probs.shape[-2:]
+    s = mask_stride
+    margin = 1 if identity else 2  # source pixels of exact values around the thresholded area
+    for j in range(topk):
+        rows, cols = torch.nonzero(rows_any[j]).flatten(), torch.nonzero(cols_any[j]).flatten()
+        if rows.numel() == 0:
+            continue
+        ra, rb = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin, h - 1)
+        ca, cb = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin, w - 1)
+        y0, x0 = ra * s, ca * s
+        y1, x1 = min((rb + 1) * s, h_in), min((cb + 1) * s, w_in)
+        if y1 <= y0 or x1 <= x0:  # only padding
+            continue
+        up = F.interpolate(probs[j, ra:rb + 1, ca:cb + 1][None, None],
+                           size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
+                           align_corners=False)[0, 0, :y1 - y0, :x1 - x0]
+        if identity:
+            win = up > mask_threshold
+        else:
+            window = _resize_window(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in))
             if window is None:
                 continue
             (y0, x0), win = window
-            out_masks[s + j, y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
-            boxes[s + j] = masks_to_boxes(win[None])[0] + torch.tensor(
+        out_masks[j, y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
+        if win.any():
+            boxes[j] = masks_to_boxes(win[None])[0] + torch.tensor(
                 [x0, y0, x0, y0], dtype=torch.float32, device=boxes.device)
-            if not win.any():
-                boxes[s + j] = 0
-        del m
 
     result = Instances((out_h, out_w))
     result.pred_masks = out_masks
@@ -81,13 +113,16 @@ def isda_postprocess(cls_logits, mask_logits, image_size, output_size, mask_stri
     return result
 
 
-def _resize_window(prob, size, threshold):
-    """``F.interpolate(prob, size, "bilinear") > threshold`` evaluated only on the window of the
+def _resize_window(prob, size, threshold, origin=(0, 0), full_size=None):
+    """``F.interpolate(full, size, "bilinear") > threshold`` evaluated only on the window of the
     output that can exceed ``threshold`` (bilinear values never exceed their 4 source pixels).
 
-    prob: [h, w] -> None if the mask is empty, else ((y0, x0), bool window [hh, ww]).
+    prob: [hh, ww] window at ``origin`` (y, x) of a ``full_size`` map (default: the whole map),
+    exact within one pixel of its values above ``threshold`` ->
+    None if nothing exceeds it, else ((y0, x0), bool window of the output).
     """
-    h, w = prob.shape
+    oy, ox = origin
+    h, w = full_size if full_size is not None else prob.shape
     out_h, out_w = size
     above = prob > threshold
     rows = torch.nonzero(above.any(1)).flatten()
@@ -102,14 +137,18 @@ def _resize_window(prob, size, threshold):
         b = int(math.ceil((hi + 1 + 0.5) / scale - 0.5)) + 1
         return max(a, 0), min(b, n_out - 1)
 
-    y0, y1 = span(int(rows[0]), int(rows[-1]), sy, out_h)
-    x0, x1 = span(int(cols[0]), int(cols[-1]), sx, out_w)
-    if (y1 - y0 + 1) * (x1 - x0 + 1) > out_h * out_w // 2:  # large mask: plain resize is faster
+    y0, y1 = span(oy + int(rows[0]), oy + int(rows[-1]), sy, out_h)
+    x0, x1 = span(ox + int(cols[0]), ox + int(cols[-1]), sx, out_w)
+    whole = prob.shape == (h, w)
+    if whole and (y1 - y0 + 1) * (x1 - x0 + 1) > out_h * out_w // 2:  # plain resize is faster
         full = F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)
         return (0, 0), full[0, 0] > threshold
     dev = prob.device
-    gy = (2 * (torch.arange(y0, y1 + 1, device=dev, dtype=torch.float64) + 0.5) / out_h - 1)
-    gx = (2 * (torch.arange(x0, x1 + 1, device=dev, dtype=torch.float64) + 0.5) / out_w - 1)
+    hh, ww = prob.shape
+    # source pixel coordinate of each output pixel, shifted into the window, normalised to it
+    py = (torch.arange(y0, y1 + 1, device=dev, dtype=torch.float64) + 0.5) * sy - 0.5 - oy
+    px = (torch.arange(x0, x1 + 1, device=dev, dtype=torch.float64) + 0.5) * sx - 0.5 - ox
+    gy, gx = (2 * py + 1) / hh - 1, (2 * px + 1) / ww - 1
     grid = torch.stack(torch.meshgrid(gx.float(), gy.float(), indexing="xy"), -1)  # [hh, ww, 2]
     win = F.grid_sample(prob[None, None], grid[None], mode="bilinear", padding_mode="border",
                         align_corners=False)[0, 0]
