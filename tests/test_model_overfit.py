@@ -31,19 +31,23 @@ def tiny_cfg(*opts):
 
 
 def train_tiny(cfg, log_every=0):
-    """Full-batch AdamW on the (un-augmented) training tiles; returns the trained model."""
+    """AdamW (global L2 gradient clipping) on the un-augmented training tiles, a batch of
+    ``IMS_PER_BATCH`` of them per iteration; returns the trained model."""
     torch.manual_seed(cfg.SEED)
     model = build_model(cfg)
     mapper = MinimalInstanceMapper(cfg, is_train=True)
     data = [mapper(d) for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.SOLVER.BASE_LR,
                             weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    steps = [int(s) for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER]
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, steps, cfg.SOLVER.GAMMA)
     bs = cfg.SOLVER.IMS_PER_BATCH
     g = torch.Generator().manual_seed(cfg.SEED)
     model.train()
-    for it in range(cfg.SOLVER.MAX_ITER):
+    for it in range(1, cfg.SOLVER.MAX_ITER + 1):
+        # linear warm-up, then x GAMMA at each of SOLVER.STEPS
+        lr = cfg.SOLVER.BASE_LR * min(1.0, it / max(1, cfg.SOLVER.WARMUP_ITERS))
+        lr *= cfg.SOLVER.GAMMA ** sum(it > s for s in cfg.SOLVER.STEPS)
+        for group in opt.param_groups:
+            group["lr"] = lr
         idx = torch.randperm(len(data), generator=g)[:bs].tolist()
         losses = model([data[i] for i in idx])
         loss = sum(losses.values())
@@ -51,10 +55,8 @@ def train_tiny(cfg, log_every=0):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
         opt.step()
-        sched.step()
-        if log_every and (it % log_every == 0 or it == cfg.SOLVER.MAX_ITER - 1):
-            print(it, f"{loss.item():.3f}", {k: round(v.item(), 3) for k, v in losses.items()
-                                              if "_" not in k[5:]}, flush=True)
+        if log_every and (it % log_every == 0 or it == cfg.SOLVER.MAX_ITER):
+            print(it, f"{loss.item():.3f}", flush=True)
     return model
 
 
