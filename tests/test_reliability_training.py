@@ -65,7 +65,7 @@ def expected_skips(n_good, n_total, seed, n_samples):
 
 def test_skip_policy_trains_logs_and_counts_bad_samples(bad_dataset, tmp_path):
     name, n_good, n_total = bad_dataset
-    iters = 6
+    iters = 3
     expected = expected_skips(n_good, n_total, 3, 2 * iters)
     assert expected > 0, "choose a seed whose first batches include bad records"
     trainer = make_trainer(tmp_path, "DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER",
