@@ -80,3 +80,30 @@ def test_targets_soft_and_padded():
     gt = x["instances"].gt_masks.tensor.float()
     # soft targets keep (about) the area: sum * stride^2 ~ GT area
     assert torch.allclose(m.sum((1, 2)) * 16, gt.sum((1, 2)), rtol=0.15)
+
+
+def test_padding_masks_reach_encoder_and_decoder():
+    """Values at padded positions must not influence valid encoder tokens or the queries."""
+    cfg = small_cfg()
+    model = build(cfg)
+    model.eval()
+    batch = [synthetic_input(70, 90, with_targets=False), synthetic_input(128, 192, with_targets=False, seed=1)]
+    with torch.no_grad():
+        images, pad_mask = model.preprocess_image(batch)
+        maps, masks = model.neck(images.tensor, pad_mask)
+        levels = (8, 16, 32, 64)
+        src, pos, token_mask, shapes, start, ratios = model.flatten_levels(
+            [maps[s] for s in levels], [masks[s] for s in levels])
+        assert token_mask[0].any() and not token_mask[1].any()
+        assert torch.allclose(ratios[1], torch.ones_like(ratios[1]))
+        assert (ratios[0] <= 1).all() and (ratios[0] < 1).any()
+        noisy = src.clone()
+        noisy[token_mask] = torch.randn_like(noisy[token_mask]) * 10
+        outs = []
+        for s in (src, noisy):
+            memory = model.encoder(s, pos, shapes, start, ratios, token_mask)
+            hs, _ = model.decoder(memory, shapes, start, ratios, token_mask)
+            outs.append((memory, hs))
+    valid = ~token_mask
+    assert torch.allclose(outs[0][0][valid], outs[1][0][valid], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
