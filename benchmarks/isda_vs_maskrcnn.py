@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("isda", "maskrcnn")
 
@@ -32,8 +35,6 @@ def set_threads(n):
     """Same intra-op thread count for every model (set before torch starts its pools)."""
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ["MKL_NUM_THREADS"] = str(n)
-    import torch
-
     torch.set_num_threads(n)
 
 
@@ -63,7 +64,6 @@ def calibrate_frozen_bn(model, seed=1):
     as a pretrained backbone has: a random-init ResNet with identity FrozenBN multiplies the
     activation scale by ~2 per block, which makes Mask R-CNN's softmax scores underflow to 0
     (so fewer than 100 survive SCORE_THRESH_TEST 0). Same treatment for both models."""
-    import torch
     from detectron2.layers import FrozenBatchNorm2d
 
     def pre_hook(module, inputs):
@@ -86,7 +86,6 @@ def calibrate_frozen_bn(model, seed=1):
 
 def build(name, seed=0):
     """-> (model in eval mode, optimizer the model's own trainer would use)."""
-    import torch
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
 
@@ -103,7 +102,6 @@ def build(name, seed=0):
 def make_input(h, w, seed=0, num_objects=10):
     """One random image [3, h, w] uint8 with ``num_objects`` elliptical instances (masks, tight
     boxes, classes in 0..79), identical for both models."""
-    import torch
     from detectron2.structures import BitMasks, Boxes, Instances
 
     g = torch.Generator().manual_seed(seed)
@@ -123,7 +121,6 @@ def make_input(h, w, seed=0, num_objects=10):
 
 
 def infer(model, sample):
-    import torch
 
     with torch.no_grad():
         out = model([{k: sample[k] for k in ("image", "height", "width")}])
@@ -194,10 +191,25 @@ def time_alternating(models, fn, repeats, warmup):
     return {m: statistics.median(v) for m, v in times.items()}
 
 
+class _Traceable(nn.Module):
+    """image [3, H, W] -> (masks, scores, classes) of one full inference (for fvcore's tracer)."""
+
+    def __init__(self, model, height, width):
+        super().__init__()
+        self.model, self.height, self.width = model, height, width
+
+    def forward(self, image):
+        inst = self.model([{"image": image, "height": self.height, "width": self.width}])[0]
+        inst = inst["instances"]
+        return inst.pred_masks, inst.scores, inst.pred_classes
+
+
 def count_flops(model, sample):
     """fvcore FLOPs (1 multiply-add = 1 flop) of one inference, post-processing included, the
     deformable attention op and scaled-dot-product attention counted by handles."""
-    from detectron2.utils.analysis import FlopCountAnalysis
+    import warnings
+
+    from fvcore.nn import FlopCountAnalysis
 
     from isda.layers import flop_count_handles
 
@@ -208,10 +220,13 @@ def count_flops(model, sample):
             batch *= d
         return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
-    flops = FlopCountAnalysis(model, [{k: sample[k] for k in ("image", "height", "width")}])
+    net = _Traceable(model, sample["height"], sample["width"])
+    flops = FlopCountAnalysis(net, (sample["image"],))
     flops.set_op_handle(**flop_count_handles(), **{"aten::scaled_dot_product_attention": sdpa})
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return flops.total()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flops.total()
 
 
 def parse_size(s):
@@ -260,7 +275,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed inference repeats per model")
     p.add_argument("--train-repeats", type=int, default=None)
     p.add_argument("--sizes", nargs="+", default=None, help="latency vs input size, e.g. 480x736")
-    p.add_argument("--plot", default=None, help="PNG path for the --sizes plot")
+    p.add_argument("--size-repeats", type=int, default=3, help="repeats per --sizes entry")
+    p.add_argument("--plot", default=None, help="PNG path for the latency-vs-size plot")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) fvcore tracing")
     p.add_argument("--profile", action="store_true", help="ISDA per-stage breakdown only")
     p.add_argument("--_memory-worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -280,7 +296,6 @@ def main(argv=None):
         run_profile(h, w, args.threads, repeats=args.repeats or (2 if args.quick else 5))
         return
 
-    import torch
 
     repeats = args.repeats or (3 if args.quick else 10)
     train_repeats = args.train_repeats or (2 if args.quick else 6)
@@ -288,12 +303,11 @@ def main(argv=None):
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
               "infer_repeats": repeats, "train_repeats": train_repeats}
 
+    rows = []
     if args.sizes:
         print("latency vs input size", flush=True)
-        rows = latency_vs_size(models, [parse_size(s) for s in args.sizes], repeats, 1)
-        if args.plot:
-            plot(rows, args.plot)
-        report["latency_vs_size"] = rows
+        sizes = [parse_size(s) for s in args.sizes if parse_size(s) != (h, w)]
+        rows = latency_vs_size(models, sizes, args.size_repeats, 1)
 
     sample = make_input(h, w)
     print(f"inference {h}x{w}, {repeats} repeats", flush=True)
@@ -305,6 +319,12 @@ def main(argv=None):
         report[f"{m}_train_ms"] = round(tr[m] * 1e3, 1)
         report[f"{m}_params_m"] = round(sum(p.numel() for p in models[m][0].parameters()) / 1e6, 2)
     del models
+    if args.sizes:  # the main size joins the curve with its (more repeated) medians
+        rows = sorted(rows + [{"size": [h, w], **{f"{m}_ms": report[f"{m}_infer_ms"]
+                                                  for m in MODELS}}], key=lambda r: r["size"])
+        report["latency_vs_size"] = rows
+        if args.plot:
+            plot(rows, args.plot)
     print("memory (fresh subprocesses)", flush=True)
     for mode, key in (("infer", "infer_peak_mb"), ("train", "train_peak_mb")):
         for m in MODELS:

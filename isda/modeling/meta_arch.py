@@ -217,6 +217,7 @@ class ISDA(nn.Module):
             cls_scores, query_idx, classes = select_topk(logits[i], self.test_topk)
             mask_logits = predict_masks(kernels[i, query_idx][None], mask_features[i:i + 1])[0]
             inst = instances_from_topk(cls_scores, classes, mask_logits, image_size,
-                                       (height, width), self.mask_stride, self.mask_threshold)
+                                       (height, width), self.mask_stride, self.mask_threshold,
+                                       self.chunk_pixels)
             results.append({"instances": inst})
         return results

@@ -39,29 +39,40 @@ def select_topk(cls_logits, topk=100):
 
 @torch.no_grad()
 def isda_postprocess(cls_logits, mask_logits, image_size, output_size, mask_stride=4, topk=100,
-                     mask_threshold=0.5, chunk_pixels=None):
+                     mask_threshold=0.5, chunk_pixels=1 << 25):
     """One image's predictions -> :class:`Instances` at ``output_size``.
 
     cls_logits: [Q, K]; mask_logits: [Q, h, w] on the padded mask grid (stride ``mask_stride``);
     image_size: (H_in, W_in) unpadded network input; output_size: (H, W) original image.
-    ``chunk_pixels`` is accepted for compatibility (masks are now processed one window at a time).
     """
     cls_scores, query_idx, classes = select_topk(cls_logits, topk)
     return instances_from_topk(cls_scores, classes, mask_logits[query_idx], image_size,
-                               output_size, mask_stride, mask_threshold)
+                               output_size, mask_stride, mask_threshold, chunk_pixels)
+
+
+def _span(any_mask, margin, n):
+    """First and last True index of a 1-d bool tensor widened by ``margin`` (clamped to
+    [0, n - 1]), or None."""
+    idx = torch.nonzero(any_mask).flatten()
+    if idx.numel() == 0:
+        return None
+    return max(int(idx[0]) - margin, 0), min(int(idx[-1]) + margin, n - 1)
 
 
 @torch.no_grad()
 def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_size, mask_stride=4,
-                        mask_threshold=0.5):
+                        mask_threshold=0.5, chunk_pixels=1 << 25):
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
-    Each mask is upsampled by ``mask_stride`` only on the window around its pixels above the
-    threshold (bilinear values never exceed their source pixels, and with an integer factor the
-    window's values are bit-identical to those of the full upsampling), then resized to the
-    original size the same way (skipped when the original size is the input size: a same-size
-    bilinear resize is the identity). Memory beyond the returned boolean masks is one window.
+    Masks are processed in chunks of at most ``chunk_pixels`` upsampled pixels. Each chunk is
+    upsampled by ``mask_stride`` (one channels-last bilinear call, vectorised over the masks)
+    only on the window around its pixels above the threshold: bilinear values never exceed
+    their source pixels, and with an integer factor the window's values are bit-identical to
+    those of the full upsampling. The resize to the original size is skipped when it is the
+    input size (a same-size bilinear resize is the identity), else it is evaluated per mask on
+    the window where the result can exceed the threshold. Memory beyond the returned boolean
+    masks is one chunk.
     """
     probs = mask_logits.float().sigmoid()  # [T, h, w]
     binary = probs > mask_threshold
@@ -76,34 +87,42 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     identity = (out_h, out_w) == (h_in, w_in)
     out_masks = torch.zeros(topk, out_h, out_w, dtype=torch.bool, device=probs.device)
     boxes = torch.zeros(topk, 4, dtype=torch.float32, device=probs.device)
-    rows_any, cols_any = binary.any(2).cpu(), binary.any(1).cpu()
+    rows_any, cols_any = binary.any(2), binary.any(1)
     h, w = probs.shape[-2:]
     s = mask_stride
     margin = 1 if identity else 2  # source pixels of exact values around the thresholded area
-    for j in range(topk):
-        rows, cols = torch.nonzero(rows_any[j]).flatten(), torch.nonzero(cols_any[j]).flatten()
-        if rows.numel() == 0:
+    chunk = max(1, chunk_pixels // (h * w * s * s))
+    for c0 in range(0, topk, chunk):
+        c1 = min(c0 + chunk, topk)
+        rspan, cspan = _span(rows_any[c0:c1].any(0), margin, h), _span(cols_any[c0:c1].any(0), margin, w)
+        if rspan is None:
             continue
-        ra, rb = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin, h - 1)
-        ca, cb = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin, w - 1)
+        (ra, rb), (ca, cb) = rspan, cspan
         y0, x0 = ra * s, ca * s
         y1, x1 = min((rb + 1) * s, h_in), min((cb + 1) * s, w_in)
         if y1 <= y0 or x1 <= x0:  # only padding
             continue
-        up = F.interpolate(probs[j, ra:rb + 1, ca:cb + 1][None, None],
-                           size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
-                           align_corners=False)[0, 0, :y1 - y0, :x1 - x0]
+        crop = probs[None, c0:c1, ra:rb + 1, ca:cb + 1].contiguous(memory_format=torch.channels_last)
+        up = F.interpolate(crop, size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
+                           align_corners=False)[0, :, :y1 - y0, :x1 - x0]
         if identity:
-            win = up > mask_threshold
-        else:
-            window = _resize_window(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in))
+            win = out_masks[c0:c1, y0:y1, x0:x1]
+            torch.gt(up, mask_threshold, out=win)
+            b = masks_to_boxes(win)  # zero boxes for empty masks
+            nonempty = b[:, 2] > 0
+            b[:, [0, 2]] += x0
+            b[:, [1, 3]] += y0
+            boxes[c0:c1] = torch.where(nonempty[:, None], b, boxes[c0:c1])
+            continue
+        for j in range(c1 - c0):
+            window = _resize_window(up[j], (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in))
             if window is None:
                 continue
-            (y0, x0), win = window
-        out_masks[j, y0:y0 + win.shape[0], x0:x0 + win.shape[1]] = win
-        if win.any():
-            boxes[j] = masks_to_boxes(win[None])[0] + torch.tensor(
-                [x0, y0, x0, y0], dtype=torch.float32, device=boxes.device)
+            (wy, wx), win = window
+            out_masks[c0 + j, wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
+            if win.any():
+                boxes[c0 + j] = masks_to_boxes(win[None])[0] + torch.tensor(
+                    [wx, wy, wx, wy], dtype=torch.float32, device=boxes.device)
 
     result = Instances((out_h, out_w))
     result.pred_masks = out_masks
