@@ -1,0 +1,1 @@
+from . import builtin as register_builtin  # noqa: F401

@@ -1,0 +1,61 @@
+"""Register ISDA's embedded datasets with Detectron2 (done on ``import isda``).
+
+=============== ===================================================== ==========================
+name            content                                               built by
+=============== ===================================================== ==========================
+nuclei_train    8 tiles (128x176) of stardist's nuclei image, cols 0-351 ``isda.data.prepare``
+nuclei_val      cols 384-511 of the same image (one 512x128 image)    ``isda.data.prepare``
+voc_sample      3 VOC photos with 12 polygon instances (labelme)      ``isda.data.prepare``
+=============== ===================================================== ==========================
+
+Files live under ``$ISDA_DATASETS`` (default ``datasets/`` in the repository).
+"""
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import load_coco_json
+
+from ..paths import datasets_root
+
+# name -> (folder, json file)
+EMBEDDED = {
+    "nuclei_train": ("nuclei", "nuclei_train.json"),
+    "nuclei_val": ("nuclei", "nuclei_val.json"),
+    "voc_sample": ("voc_sample", "voc_sample.json"),
+}
+NUCLEI_CLASSES = ["nucleus"]
+
+
+def _paths(name):
+    folder, json_name = EMBEDDED[name]
+    root = datasets_root() / folder
+    return root / json_name, root / "images"
+
+
+def _loader(name):
+    def load():
+        json_file, image_root = _paths(name)
+        if not json_file.is_file():
+            raise FileNotFoundError(
+                f"dataset '{name}': {json_file} does not exist. Build the embedded datasets with "
+                f"`python -m isda.data.prepare` (part of `make setup`)."
+            )
+        return load_coco_json(str(json_file), str(image_root), name)
+
+    return load
+
+
+def register_all():
+    for name, (folder, _) in EMBEDDED.items():
+        if name in DatasetCatalog.list():
+            continue
+        json_file, image_root = _paths(name)
+        DatasetCatalog.register(name, _loader(name))
+        MetadataCatalog.get(name).set(
+            json_file=str(json_file), image_root=str(image_root), evaluator_type="coco",
+        )
+        if folder == "nuclei":  # voc_sample's classes come from its JSON when it is loaded
+            MetadataCatalog.get(name).set(thing_classes=NUCLEI_CLASSES)
+
+
+register_all()
