@@ -65,7 +65,7 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
-    Masks are processed in chunks of at most ``chunk_pixels`` upsampled pixels. Each chunk is
+    Masks are processed in chunks of at most ``min(chunk_pixels, 2**23)`` upsampled pixels. Each chunk is
     upsampled by ``mask_stride`` (one channels-last bilinear call, vectorised over the masks)
     only on the window around its pixels above the threshold: bilinear values never exceed
     their source pixels, and with an integer factor the window's values are bit-identical to
@@ -91,7 +91,9 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     h, w = probs.shape[-2:]
     s = mask_stride
     margin = 1 if identity else 2  # source pixels of exact values around the thresholded area
-    chunk = max(1, chunk_pixels // (h * w * s * s))
+    # at most 8M upsampled pixels (32 MB of floats) per chunk whatever ``chunk_pixels`` says:
+    # larger chunks gain no speed but add to the inference peak memory
+    chunk = max(1, min(chunk_pixels, 1 << 23) // (h * w * s * s))
     for c0 in range(0, topk, chunk):
         c1 = min(c0 + chunk, topk)
         rspan, cspan = _span(rows_any[c0:c1].any(0), margin, h), _span(cols_any[c0:c1].any(0), margin, w)
