@@ -5,9 +5,9 @@ Sources are registry packages, fetched with pip:
 * ``nuclei``: the ``stardist`` wheel's ``stardist/data/images/img2d.tif`` (512x512 uint16
   fluorescence image) and ``mask2d.tif`` (uint16 label image, 125 nuclei). Converted to COCO
   JSON with RLE masks: ``nuclei_train`` = 8 tiles (128 rows x 176 columns) from columns 0-351,
-  instances clipped to their tile; ``nuclei_val`` = columns 384-511 as one 512x128 image,
-  instances whose mask lies mostly (> 50 %) inside kept and clipped, the remaining fragments
-  marked ``iscrowd`` (ignored by COCO evaluation). Columns 352-383 are a guard band.
+  instances clipped to their tile; ``nuclei_val`` = columns 384-511 as 4 tiles of 128x128,
+  instances whose mask lies mostly (> 50 %) inside the region kept and clipped to their tile, the
+  remaining fragments marked ``iscrowd`` (ignored by COCO evaluation). Columns 352-383 are a guard band.
 * ``voc_sample``: the ``labelme`` sdist's ``examples/instance_segmentation/data_dataset_coco``
   (3 VOC photos, 12 polygon instances), with the ``_background_`` category dropped.
 
@@ -36,11 +36,12 @@ from .paths import datasets_root
 STARDIST_VERSION = "0.9.2"
 LABELME_VERSION = "6.3.1"
 # Bump when a conversion changes: cached datasets built by an older recipe are rebuilt.
-RECIPE = {"nuclei": "1", "voc_sample": "2"}
+RECIPE = {"nuclei": "2", "voc_sample": "2"}
 
 NUCLEI_TRAIN_COLS = (0, 352)   # [start, stop)
 NUCLEI_VAL_COLS = (384, 512)
 NUCLEI_TILE = (128, 176)       # rows, cols of a training tile
+NUCLEI_VAL_TILE_ROWS = 128     # validation tiles: 128 rows x the region's 128 columns
 NUCLEI_CATEGORY = {"id": 1, "name": "nucleus", "supercategory": "cell"}
 
 
@@ -162,20 +163,25 @@ def build_nuclei(out: Path) -> None:
             anns[-1]["instance_label"] = int(inst)
     dump_json(out / "nuclei_train.json", images, anns, cats, src)
 
-    # val: one image, instances mostly inside kept, others marked crowd (ignored)
+    # val: the region cut into 4 tiles of 128x128 (the scale and shape the model trains on);
+    # nuclei mostly (> 50 %) inside the region are targets, clipped to their tile; the others'
+    # fragments are marked crowd (ignored by COCO evaluation).
     c0, c1 = NUCLEI_VAL_COLS
-    name = f"val_c{c0:03d}.png"
-    write_png(out / "images" / name, rgb[:, c0:c1])
     region = lab[:, c0:c1]
-    images = [{"id": 1, "file_name": name, "height": 512, "width": c1 - c0,
-               "region": [0, 512, c0, c1]}]
-    anns = []
-    for inst in np.unique(region[region > 0]):
-        inside = int((region == inst).sum())
-        total = int((lab == inst).sum())
-        anns.append(mask_annotation(region == inst, len(anns) + 1, 1,
-                                    iscrowd=int(inside * 2 <= total)))
-        anns[-1]["instance_label"] = int(inst)
+    mostly_inside = {int(i): int((region == i).sum()) * 2 > int((lab == i).sum())
+                     for i in np.unique(region[region > 0])}
+    images, anns = [], []
+    for k, r0 in enumerate(range(0, 512, NUCLEI_VAL_TILE_ROWS), start=1):
+        r1 = r0 + NUCLEI_VAL_TILE_ROWS
+        name = f"val_r{r0:03d}_c{c0:03d}.png"
+        write_png(out / "images" / name, rgb[r0:r1, c0:c1])
+        images.append({"id": k, "file_name": name, "height": r1 - r0, "width": c1 - c0,
+                       "region": [r0, r1, c0, c1]})
+        tile = lab[r0:r1, c0:c1]
+        for inst in np.unique(tile[tile > 0]):
+            anns.append(mask_annotation(tile == inst, len(anns) + 1, k,
+                                        iscrowd=int(not mostly_inside[int(inst)])))
+            anns[-1]["instance_label"] = int(inst)
     dump_json(out / "nuclei_val.json", images, anns, cats, src)
 
 

@@ -4,7 +4,7 @@
 name            content                                               built by
 =============== ===================================================== ==========================
 nuclei_train    8 tiles (128x176) of stardist's nuclei image, cols 0-351 ``isda.data.prepare``
-nuclei_val      cols 384-511 of the same image (one 512x128 image)    ``isda.data.prepare``
+nuclei_val      cols 384-511 of the same image (4 tiles of 128x128)   ``isda.data.prepare``
 voc_sample      3 VOC photos with 12 polygon instances (labelme)      ``isda.data.prepare``
 =============== ===================================================== ==========================
 
