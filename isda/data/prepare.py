@@ -144,6 +144,24 @@ def nuclei_tiles():
     return [(r, r + th, c, c + tw) for r in range(0, 512, th) for c in range(c0, c1, tw)]
 
 
+def write_tiles(out: Path, rgb: np.ndarray, lab: np.ndarray, tiles, prefix: str,
+                crowd_labels=frozenset()):
+    """Write each (row0, row1, col0, col1) tile as a PNG; one RLE annotation per label fragment
+    inside it (``iscrowd`` for labels in ``crowd_labels``). Returns COCO (images, annotations)."""
+    images, anns = [], []
+    for image_id, (r0, r1, c0, c1) in enumerate(tiles, start=1):
+        name = f"{prefix}_r{r0:03d}_c{c0:03d}.png"
+        write_png(out / "images" / name, rgb[r0:r1, c0:c1])
+        images.append({"id": image_id, "file_name": name, "height": r1 - r0, "width": c1 - c0,
+                       "region": [r0, r1, c0, c1]})
+        tile = lab[r0:r1, c0:c1]
+        for inst in np.unique(tile[tile > 0]):
+            anns.append(mask_annotation(tile == inst, len(anns) + 1, image_id,
+                                        iscrowd=int(int(inst) in crowd_labels)))
+            anns[-1]["instance_label"] = int(inst)
+    return images, anns
+
+
 def build_nuclei(out: Path) -> None:
     img, lab, src = load_stardist_arrays()
     rgb = to_uint8_rgb(img)
@@ -151,16 +169,7 @@ def build_nuclei(out: Path) -> None:
     cats = [NUCLEI_CATEGORY]
 
     # train: tiles, every instance fragment clipped to its tile
-    images, anns = [], []
-    for i, (r0, r1, c0, c1) in enumerate(nuclei_tiles(), start=1):
-        name = f"train_r{r0:03d}_c{c0:03d}.png"
-        write_png(out / "images" / name, rgb[r0:r1, c0:c1])
-        images.append({"id": i, "file_name": name, "height": r1 - r0, "width": c1 - c0,
-                       "region": [r0, r1, c0, c1]})
-        tile = lab[r0:r1, c0:c1]
-        for inst in np.unique(tile[tile > 0]):
-            anns.append(mask_annotation(tile == inst, len(anns) + 1, i))
-            anns[-1]["instance_label"] = int(inst)
+    images, anns = write_tiles(out, rgb, lab, nuclei_tiles(), "train")
     dump_json(out / "nuclei_train.json", images, anns, cats, src)
 
     # val: the region cut into 4 tiles of 128x128 (the scale and shape the model trains on);
@@ -168,20 +177,11 @@ def build_nuclei(out: Path) -> None:
     # fragments are marked crowd (ignored by COCO evaluation).
     c0, c1 = NUCLEI_VAL_COLS
     region = lab[:, c0:c1]
-    mostly_inside = {int(i): int((region == i).sum()) * 2 > int((lab == i).sum())
-                     for i in np.unique(region[region > 0])}
-    images, anns = [], []
-    for k, r0 in enumerate(range(0, 512, NUCLEI_VAL_TILE_ROWS), start=1):
-        r1 = r0 + NUCLEI_VAL_TILE_ROWS
-        name = f"val_r{r0:03d}_c{c0:03d}.png"
-        write_png(out / "images" / name, rgb[r0:r1, c0:c1])
-        images.append({"id": k, "file_name": name, "height": r1 - r0, "width": c1 - c0,
-                       "region": [r0, r1, c0, c1]})
-        tile = lab[r0:r1, c0:c1]
-        for inst in np.unique(tile[tile > 0]):
-            anns.append(mask_annotation(tile == inst, len(anns) + 1, k,
-                                        iscrowd=int(not mostly_inside[int(inst)])))
-            anns[-1]["instance_label"] = int(inst)
+    outside = {int(i) for i in np.unique(region[region > 0])
+               if int((region == i).sum()) * 2 <= int((lab == i).sum())}
+    val_tiles = [(r0, r0 + NUCLEI_VAL_TILE_ROWS, c0, c1)
+                 for r0 in range(0, 512, NUCLEI_VAL_TILE_ROWS)]
+    images, anns = write_tiles(out, rgb, lab, val_tiles, "val", crowd_labels=outside)
     dump_json(out / "nuclei_val.json", images, anns, cats, src)
 
 
