@@ -35,6 +35,7 @@ import isda  # noqa: F401  (registers the meta-architecture and the embedded dat
 from isda import add_isda_config
 from isda.data.dataset_mapper import ISDADatasetMapper
 from isda.solver import build_isda_optimizer
+from isda.utils.cpu_allocator import keep_freed_memory
 from isda.utils.env import detectron2_has_compiled_ops
 from isda.checkpoint import CorruptCheckpointError, ISDACheckpointer as Checkpointer
 from isda.engine import (BadSampleCounter, LossLogger, RNGStateHook, build_resumable_train_loader,
@@ -182,6 +183,8 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu":
+        keep_freed_memory()  # no page faults for re-allocated activations (isda/utils/cpu_allocator.py)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

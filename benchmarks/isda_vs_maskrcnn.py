@@ -174,7 +174,7 @@ def memory_worker(name, mode, h, w, threads):
 
 def measure_memory(name, mode, h, w, threads):
     cmd = [sys.executable, __file__, "--_memory-worker", name, mode, "--size", f"{h}x{w}",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--allocator", os.environ.get("ISDA_CPU_ALLOCATOR", "keep")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -279,11 +279,19 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="PNG path for the latency-vs-size plot")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) fvcore tracing")
     p.add_argument("--profile", action="store_true", help="ISDA per-stage breakdown only")
+    p.add_argument("--allocator", choices=("keep", "system"), default="keep",
+                   help="glibc policy for both models: 'keep' freed memory in the heap, as "
+                        "train_net.py does on the CPU (isda/utils/cpu_allocator.py), or the "
+                        "'system' default (mmap/munmap per large block)")
     p.add_argument("--_memory-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     h, w = parse_size(args.size or ("512x768" if args.quick else "800x1216"))
     set_threads(args.threads)
     sys.path.insert(0, str(ROOT))
+    os.environ["ISDA_CPU_ALLOCATOR"] = args.allocator  # inherited by the memory subprocesses
+    from isda.utils.cpu_allocator import keep_freed_memory
+
+    keep_freed_memory()
 
     if args._memory_worker:
         name, mode = args._memory_worker
@@ -301,6 +309,7 @@ def main(argv=None):
     train_repeats = args.train_repeats or (2 if args.quick else 6)
     models = {m: build(m) for m in MODELS}
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
+              "allocator": args.allocator,
               "infer_repeats": repeats, "train_repeats": train_repeats}
 
     rows = []

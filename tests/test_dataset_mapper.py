@@ -13,7 +13,8 @@ from pycocotools import mask as mask_util
 import isda  # noqa: F401
 from isda import add_isda_config
 from isda.data.dataset_mapper import BadSampleError, ISDADatasetMapper
-from isda.data.transforms import RandomChoice, add_isda_input_config, build_isda_augmentation
+from isda.data.transforms import (RandomChoice, RandomTranspose, add_isda_input_config,
+                                  build_isda_augmentation)
 
 
 def make_cfg(**input_overrides):
@@ -68,6 +69,47 @@ def test_rle_crowd_and_flip_on_nuclei():
     for ann, m in zip(kept, inst.gt_masks.tensor):
         ref = mask_util.decode(ann["segmentation"]).astype(bool)[:, ::-1]
         assert torch.equal(m, torch.from_numpy(ref.copy()))
+
+
+def test_transpose_and_vertical_flip_on_rle_and_polygons():
+    """Transposed + vertically flipped samples equal numpy's rot/flip of the decoded masks."""
+    for name in ("nuclei_train", "voc_sample"):
+        record = DatasetCatalog.get(name)[0]
+        cfg = no_aug_cfg()
+        mapper = ISDADatasetMapper(cfg, is_train=True)
+        mapper.augmentations = T.AugmentationList(
+            [T.RandomFlip(prob=1.0, horizontal=False, vertical=True), RandomTranspose(prob=1.0)])
+        out = mapper(copy.deepcopy(record))
+        h, w = record["height"], record["width"]
+        assert out["image"].shape[1:] == (w, h)
+        kept = [a for a in record["annotations"] if not a.get("iscrowd", 0)]
+        inst = out["instances"]
+        assert len(inst) == len(kept)
+        for ann, m, box in zip(kept, inst.gt_masks.tensor, inst.gt_boxes.tensor):
+            seg = ann["segmentation"]
+            ref = (mask_util.decode(seg) if isinstance(seg, dict)
+                   else polygons_to_bitmask(seg, h, w)).astype(bool)
+            ref = np.ascontiguousarray(ref[::-1, :].T)  # vertical flip, then swap axes
+            if name == "voc_sample":  # polygons are rasterised after the transform: edge pixels
+                assert (m.numpy() != ref).sum() <= 0.02 * ref.sum() + 4
+            else:
+                assert torch.equal(m, torch.from_numpy(ref))
+            ys, xs = np.nonzero(m.numpy())
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+def test_flip_and_transpose_config_keys():
+    cfg = make_cfg(RANDOM_FLIP="both", **{"CROP.ENABLED": False})
+    cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.5
+    augs = build_isda_augmentation(cfg, is_train=True)
+    flips = [a for a in augs if isinstance(a, T.RandomFlip)]
+    assert [(f.horizontal, f.vertical) for f in flips] == [(True, False), (False, True)]
+    assert any(isinstance(a, RandomTranspose) for a in augs)
+    with pytest.raises(ValueError, match="INPUT.RANDOM_FLIP"):
+        build_isda_augmentation(make_cfg(RANDOM_FLIP="diagonal"), is_train=True)
+    cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 1.5
+    with pytest.raises(ValueError, match="RANDOM_TRANSPOSE"):
+        build_isda_augmentation(cfg, is_train=True)
 
 
 def test_image_without_annotations_and_degenerate_polygons():

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     py = sys.executable
     t_start = time.time()
 
-    print(f"[main] training {args.config_file} on nuclei_train (CPU, seed {args.seed})", flush=True)
+    print(f"[main] training {args.config_file} (CPU, seed {args.seed})", flush=True)
     t_train = run([py, "train_net.py", "--config-file", args.config_file, *opts],
                   out / "train.log")
     weights = train_dir / "model_final.pth"

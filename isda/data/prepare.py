@@ -5,7 +5,8 @@ Sources are registry packages, fetched with pip:
 * ``nuclei``: the ``stardist`` wheel's ``stardist/data/images/img2d.tif`` (512x512 uint16
   fluorescence image) and ``mask2d.tif`` (uint16 label image, 125 nuclei). Converted to COCO
   JSON with RLE masks: ``nuclei_train`` = 8 tiles (128 rows x 176 columns) from columns 0-351,
-  instances clipped to their tile; ``nuclei_val`` = columns 384-511 as 4 tiles of 128x128,
+  instances clipped to their tile; ``nuclei_train_region`` = the same columns as one 512x352 image
+  (for training on random crops); ``nuclei_val`` = columns 384-511 as 4 tiles of 128x128,
   instances whose mask lies mostly (> 50 %) inside the region kept and clipped to their tile, the
   remaining fragments marked ``iscrowd`` (ignored by COCO evaluation). Columns 352-383 are a guard band.
 * ``voc_sample``: the ``labelme`` sdist's ``examples/instance_segmentation/data_dataset_coco``
@@ -36,7 +37,7 @@ from .paths import datasets_root
 STARDIST_VERSION = "0.9.2"
 LABELME_VERSION = "6.3.1"
 # Bump when a conversion changes: cached datasets built by an older recipe are rebuilt.
-RECIPE = {"nuclei": "2", "voc_sample": "2"}
+RECIPE = {"nuclei": "3", "voc_sample": "2"}
 
 NUCLEI_TRAIN_COLS = (0, 352)   # [start, stop)
 NUCLEI_VAL_COLS = (384, 512)
@@ -171,6 +172,10 @@ def build_nuclei(out: Path) -> None:
     # train: tiles, every instance fragment clipped to its tile
     images, anns = write_tiles(out, rgb, lab, nuclei_tiles(), "train")
     dump_json(out / "nuclei_train.json", images, anns, cats, src)
+    # the same region as one image, for random-crop training
+    c0, c1 = NUCLEI_TRAIN_COLS
+    images, anns = write_tiles(out, rgb, lab, [(0, 512, c0, c1)], "train_region")
+    dump_json(out / "nuclei_train_region.json", images, anns, cats, src)
 
     # val: the region cut into 4 tiles of 128x128 (the scale and shape the model trains on);
     # nuclei mostly (> 50 %) inside the region are targets, clipped to their tile; the others'

@@ -1,6 +1,9 @@
 """ISDA's data augmentation: the DETR recipe in Detectron2 ``Augmentation`` terms.
 
-Training: horizontal flip (0.5); then with probability 0.5 a multi-scale resize (short side
+Training: horizontal flip (0.5; ``INPUT.RANDOM_FLIP`` "vertical" / "both" / "none" for other
+data), optionally a transpose (``INPUT.ISDA.RANDOM_TRANSPOSE``: with the two flips it gives all
+eight 90-degree rotations and mirrors, for orientation-free images such as microscopy); then with
+probability 0.5 a multi-scale resize (short side
 from ``INPUT.MIN_SIZE_TRAIN``, long side <= ``INPUT.MAX_SIZE_TRAIN``), otherwise
 [resize the short side to one of ``INPUT.CROP.PRE_RESIZE_SIZES`` -> random crop of an
 absolute size in ``INPUT.CROP.SIZE`` -> the same multi-scale resize].
@@ -11,6 +14,44 @@ from typing import List, Sequence
 import numpy as np
 from detectron2.config import CfgNode as CN
 from detectron2.data import transforms as T
+
+
+class TransposeTransform(T.Transform):
+    """Swap the image axes: (H, W, C) -> (W, H, C); point (x, y) -> (y, x). Its own inverse."""
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.swapaxes(img, 0, 1))
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.swapaxes(segmentation, 0, 1))
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(coords[:, ::-1])
+
+    def apply_box(self, box: np.ndarray) -> np.ndarray:
+        return np.asarray(box)[:, [1, 0, 3, 2]]
+
+    def inverse(self) -> T.Transform:
+        return self
+
+
+class RandomTranspose(T.Augmentation):
+    """Transpose the image with probability ``prob``."""
+
+    def __init__(self, prob: float = 0.5):
+        super().__init__()
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"INPUT.ISDA.RANDOM_TRANSPOSE must be a probability in [0, 1], got {prob}")
+        self.prob = prob
+
+    def get_transform(self, image):
+        return TransposeTransform() if self._rand_range() < self.prob else T.NoOpTransform()
+
+    def __repr__(self):
+        return f"RandomTranspose(prob={self.prob})"
+
+
+_FLIPS = {"none": (), "horizontal": ("h",), "vertical": ("v",), "both": ("h", "v")}
 
 
 class RandomChoice(T.Augmentation):
@@ -54,15 +95,22 @@ def add_isda_input_config(cfg) -> None:
     cfg.INPUT.BAD_SAMPLE_POLICY = "raise"
     if not hasattr(cfg.INPUT, "ISDA"):
         cfg.INPUT.ISDA = CN()
+    # Probability of swapping the image axes (0 for natural images, whose "up" matters).
+    cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.0
 
 
 def build_isda_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
     augs: List[T.Augmentation] = []
-    if cfg.INPUT.RANDOM_FLIP != "none":
-        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
-                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    flips = _FLIPS.get(cfg.INPUT.RANDOM_FLIP)
+    if flips is None:
+        raise ValueError(f"INPUT.RANDOM_FLIP must be one of {sorted(_FLIPS)}, "
+                         f"got {cfg.INPUT.RANDOM_FLIP!r}")
+    for axis in flips:
+        augs.append(T.RandomFlip(horizontal=axis == "h", vertical=axis == "v"))
+    if cfg.INPUT.ISDA.RANDOM_TRANSPOSE > 0:
+        augs.append(RandomTranspose(float(cfg.INPUT.ISDA.RANDOM_TRANSPOSE)))
     multiscale = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
                                       cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
     if cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.PROB > 0:

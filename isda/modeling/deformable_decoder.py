@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from .deformable_encoder import _activation, _msdeform_attn
+from ..layers.dropout import FastDropout
+from .deformable_encoder import _activation, _msdeform_attn, feed_forward
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -12,16 +13,16 @@ class DeformableDecoderLayer(nn.Module):
                  n_heads=8, n_points=4):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = FastDropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = FastDropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.activation = _activation(activation)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = FastDropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = FastDropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
@@ -33,7 +34,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                level_start_index, memory_padding_mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
-        tgt2 = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        tgt2 = feed_forward(tgt, self.linear1, self.activation, self.dropout3, self.linear2)
         return self.norm3(tgt + self.dropout4(tgt2))
 
 

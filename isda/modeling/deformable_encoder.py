@@ -3,9 +3,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers.dropout import FastDropout, relu_dropout
+
 
 def _activation(name):
     return {"relu": F.relu, "gelu": F.gelu}[name]
+
+
+def feed_forward(x, linear1, activation, dropout: FastDropout, linear2):
+    """linear2(dropout(activation(linear1(x)))); ReLU and dropout fused in one pass."""
+    h = linear1(x)
+    if activation is F.relu:
+        h = relu_dropout(h, dropout.p, dropout.training)
+    else:
+        h = dropout(activation(h))
+    return linear2(h)
 
 
 def _msdeform_attn(d_model, n_levels, n_heads, n_points):
@@ -22,13 +34,13 @@ class DeformableEncoderLayer(nn.Module):
                  n_heads=8, n_points=4):
         super().__init__()
         self.self_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = FastDropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.activation = _activation(activation)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = FastDropout(dropout)
         self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = FastDropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
@@ -36,7 +48,7 @@ class DeformableEncoderLayer(nn.Module):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout2(self.activation(self.linear1(src))))
+        src2 = feed_forward(src, self.linear1, self.activation, self.dropout2, self.linear2)
         return self.norm2(src + self.dropout3(src2))
 
 

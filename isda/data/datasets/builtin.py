@@ -1,13 +1,11 @@
 """Register ISDA's embedded datasets with Detectron2 (done on ``import isda``).
 
-=============== ===================================================== ==========================
-name            content                                               built by
-=============== ===================================================== ==========================
-nuclei_train    8 tiles (128x176) of stardist's nuclei image, cols 0-351 ``isda.data.prepare``
-nuclei_val      cols 384-511 of the same image (4 tiles of 128x128)   ``isda.data.prepare``
-voc_sample      3 VOC photos with 12 polygon instances (labelme)      ``isda.data.prepare``
-=============== ===================================================== ==========================
+* ``nuclei_train``: 8 tiles (128x176) of stardist's nuclei image, columns 0-351
+* ``nuclei_train_region``: the same columns as one 512x352 image (random-crop training)
+* ``nuclei_val``: columns 384-511 of the same image, as 4 tiles of 128x128
+* ``voc_sample``: 3 VOC photos with 12 polygon instances (labelme)
 
+All are built by ``python -m isda.data.prepare`` (part of ``make setup``).
 Files live under ``$ISDA_DATASETS`` (default ``datasets/`` in the repository).
 """
 from pathlib import Path
@@ -20,6 +18,7 @@ from ..paths import datasets_root
 # name -> (folder, json file)
 EMBEDDED = {
     "nuclei_train": ("nuclei", "nuclei_train.json"),
+    "nuclei_train_region": ("nuclei", "nuclei_train_region.json"),
     "nuclei_val": ("nuclei", "nuclei_val.json"),
     "voc_sample": ("voc_sample", "voc_sample.json"),
 }

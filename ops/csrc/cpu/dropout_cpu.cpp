@@ -1,0 +1,122 @@
+// CPU dropout / fused ReLU-dropout with a counter-based stream (see dropout.h).
+#include "dropout.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace isda {
+
+namespace {
+
+// Keep threshold on the 32-bit word: keep when word >= threshold.
+uint32_t keep_threshold(double p) {
+  const double t = std::round(p * 4294967296.0);
+  if (t <= 0.0) return 0u;
+  if (t >= 4294967295.0) return std::numeric_limits<uint32_t>::max();
+  return static_cast<uint32_t>(t);
+}
+
+constexpr int64_t kGrain = 1 << 14;  // elements per task, at least
+constexpr int64_t kBlock = 1024;     // elements per inner block (even)
+
+// Runtime ISA dispatch (GCC function multi-versioning): the AVX-512 / AVX2 clones vectorise the
+// 64-bit hash and the masked scaling; the default clone keeps wheels portable.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ISDA_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ISDA_TARGET_CLONES
+#endif
+
+// One block of at most kBlock elements starting at element b0, in two branch-free passes: the
+// 32-bit words of its elements, then mask and output. A block may start at an odd element: its
+// first word is then the high half of a pair, whose hash is also evaluated by the previous block.
+template <typename scalar_t, typename acc_t>
+ISDA_TARGET_CLONES void dropout_block(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                                      uint8_t* __restrict__ mask, int64_t len, int64_t b0,
+                                      uint64_t seed, uint32_t threshold, acc_t scale, bool relu) {
+  uint32_t words[kBlock + 2];
+  const int64_t first_pair = b0 >> 1;
+  const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
+  for (int64_t k = 0; k < pairs; ++k) {
+    const uint64_t h =
+        detail::splitmix64(seed + static_cast<uint64_t>(first_pair + k) * detail::kGoldenGamma);
+    words[2 * k] = static_cast<uint32_t>(h);
+    words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
+  }
+  const uint32_t* w = words + (b0 & 1);
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    const bool keep = (w[j] >= threshold) & (!relu | (v > acc_t(0)));
+    mask[j] = static_cast<uint8_t>(keep);
+    out[j] = static_cast<scalar_t>(keep ? v * scale : acc_t(0));
+  }
+}
+
+// out = grad * mask * scale (NaN/inf in grad propagate, as with torch's dropout backward).
+template <typename scalar_t, typename acc_t>
+ISDA_TARGET_CLONES void masked_scale(const scalar_t* __restrict__ grad,
+                                     const uint8_t* __restrict__ mask,
+                                     scalar_t* __restrict__ out, int64_t len, acc_t scale) {
+  for (int64_t j = 0; j < len; ++j) {
+    out[j] = static_cast<scalar_t>(static_cast<acc_t>(grad[j]) * (scale * static_cast<acc_t>(mask[j])));
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed,
+                                            bool relu) {
+  TORCH_CHECK(input.device().is_cpu(), "isda dropout: input must be a CPU tensor");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "isda dropout: p must be in [0, 1), got ", p);
+  const at::Tensor x = input.contiguous();
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const int64_t n = x.numel();
+  const uint32_t threshold = keep_threshold(p);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "isda_dropout_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(1.0 / (1.0 - p));
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    uint8_t* mp = mask.data_ptr<uint8_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+        dropout_block<scalar_t, acc_t>(xp + b0, op + b0, mp + b0, std::min<int64_t>(kBlock, end - b0),
+                                       b0, useed, threshold, scale, relu);
+      }
+    });
+  });
+  return {out, mask};
+}
+
+at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& mask,
+                                double scale) {
+  TORCH_CHECK(grad_output.device().is_cpu() && mask.device().is_cpu(),
+              "isda dropout backward: CPU tensors expected");
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "isda dropout backward: mask must be uint8");
+  TORCH_CHECK(grad_output.sizes() == mask.sizes(), "isda dropout backward: grad ",
+              grad_output.sizes(), " and mask ", mask.sizes(), " differ in shape");
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor m = mask.contiguous();
+  at::Tensor grad_input = at::empty_like(g);
+  const int64_t n = g.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "isda_dropout_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t s = static_cast<acc_t>(scale);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const uint8_t* mp = m.data_ptr<uint8_t>();
+    scalar_t* ip = grad_input.data_ptr<scalar_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      masked_scale<scalar_t, acc_t>(gp + begin, mp + begin, ip + begin, end - begin, s);
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace isda
