@@ -65,8 +65,10 @@ class StageTimer:
             setattr(meta_arch, name, self._wrap(stage, saved[name]))
         # the criterion computes the mask logits itself (matching: all queries, no gradient;
         # losses: the matched ones): "mask prediction" too, taken out of "losses"
-        saved_criterion = criterion.predict_masks
-        criterion.predict_masks = self._wrap("mask prediction (criterion)", saved_criterion)
+        saved_criterion = criterion.predict_masks, criterion.matched_kernel_masks
+        criterion.predict_masks = self._wrap("mask prediction (criterion)", saved_criterion[0])
+        criterion.matched_kernel_masks = self._wrap("mask prediction (criterion)",
+                                                    saved_criterion[1])
         for stage, name in METHOD_STAGES:
             setattr(model, name, self._wrap(stage, getattr(model, name)))
         try:
@@ -76,7 +78,7 @@ class StageTimer:
                 h.remove()
             for name, fn in saved.items():
                 setattr(meta_arch, name, fn)
-            criterion.predict_masks = saved_criterion
+            criterion.predict_masks, criterion.matched_kernel_masks = saved_criterion
             for _, name in METHOD_STAGES:
                 delattr(model, name)
 

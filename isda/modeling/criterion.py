@@ -58,10 +58,9 @@ class SetCriterion(nn.Module):
         self.gamma = focal_gamma
         self.deep_supervision = deep_supervision
 
-    def layer_losses(self, logits, masks, targets, num_inst):
-        """logits: [N, Q, K]; masks: a :class:`DenseMasks` or :class:`KernelMasks` of the same
-        layer -> dict of two scalar losses."""
-        indices = self.matcher(logits, masks.for_matching(), targets)
+    def layer_losses(self, logits, src_masks, indices, targets, num_inst):
+        """logits: [N, Q, K]; src_masks: [M, P] mask logits of the matched queries (image order,
+        then match order); indices: the matcher's output -> dict of two scalar losses."""
         batch_idx = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(indices)])
         query_idx = torch.cat([q for q, _ in indices])
         device = logits.device
@@ -72,7 +71,6 @@ class SetCriterion(nn.Module):
         cls_target[batch_idx, query_idx, labels] = 1.0
         loss_focal = sigmoid_focal_loss(logits, cls_target, self.alpha, self.gamma).sum() / num_inst
 
-        src_masks = masks.select(indices)
         tgt_masks = torch.cat([t["masks"][g.to(device)] for t, (_, g) in zip(targets, indices)])
         tgt_masks = tgt_masks.flatten(1).to(src_masks.dtype)
         loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
@@ -82,20 +80,51 @@ class SetCriterion(nn.Module):
         """all_logits: [layers, N, Q, K]; all_mask_logits: [layers, N, Q, H, W], or, with
         ``mask_features`` [N, D, H, W], the kernels [layers, N, Q, D] (then the mask logits of
         every query are only computed without gradient for matching, and with gradient only for
-        the matched queries); targets: list (per image) of {"labels": [G], "masks": [G, H, W]
-        soft targets on the mask grid}. Returns a dict of losses; layer l < last is suffixed
-        ``_l``."""
+        the matched queries, all layers in one product per image); targets: list (per image) of
+        {"labels": [G], "masks": [G, H, W] soft targets on the mask grid}. Returns a dict of
+        losses; layer l < last is suffixed ``_l``."""
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
-        layers = range(n_layers) if self.deep_supervision else [n_layers - 1]
-        losses = {}
+        layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
+        all_indices = []
         for l in layers:
             masks = (DenseMasks(all_mask_logits[l].float()) if mask_features is None
                      else KernelMasks(all_mask_logits[l], mask_features))
-            out = self.layer_losses(all_logits[l].float(), masks, targets, num_inst)
+            all_indices.append(self.matcher(all_logits[l].float(), masks.for_matching(), targets))
+        if mask_features is None:
+            src = [DenseMasks(all_mask_logits[l].float()).select(ind)
+                   for l, ind in zip(layers, all_indices)]
+        else:
+            src = matched_kernel_masks(all_mask_logits[layers], mask_features, all_indices)
+        losses = {}
+        for l, indices, src_masks in zip(layers, all_indices, src):
+            out = self.layer_losses(all_logits[l].float(), src_masks, indices, targets, num_inst)
             suffix = "" if l == n_layers - 1 else f"_{l}"
             losses.update({k + suffix: v for k, v in out.items()})
         return losses
+
+
+def matched_kernel_masks(kernels, mask_features, all_indices):
+    """Mask logits (with gradient) of the matched queries of every layer.
+
+    kernels: [layers, N, Q, D]; mask_features: [N, D, H, W]; all_indices: per layer, the
+    matcher's per-image (query indices, target indices) -> per layer [M_l, H * W] float, rows in
+    image order then match order. One product per image for all layers together (one backward
+    pass through the [D, H * W] features instead of one per layer)."""
+    n, d = mask_features.shape[:2]
+    feats = mask_features.reshape(n, d, -1)
+    device = kernels.device
+    per_layer = [[] for _ in all_indices]
+    for i in range(n):
+        rows = [kernels[l, i, ind[i][0].to(device)] for l, ind in enumerate(all_indices)]
+        sizes = [r.shape[0] for r in rows]
+        if sum(sizes) == 0:
+            for l in range(len(all_indices)):
+                per_layer[l].append(feats.new_zeros(0, feats.shape[-1]))
+            continue
+        for l, part in enumerate((torch.cat(rows) @ feats[i]).split(sizes)):
+            per_layer[l].append(part)
+    return [torch.cat(parts).float() for parts in per_layer]
 
 
 class DenseMasks:
@@ -127,7 +156,5 @@ class KernelMasks:
             return predict_masks(self.kernels, self.mask_features).float()
 
     def select(self, indices):
-        n, d = self.mask_features.shape[:2]
-        feats = self.mask_features.reshape(n, d, -1)
-        return torch.cat([self.kernels[i, q.to(self.kernels.device)] @ feats[i]
-                          for i, (q, _) in enumerate(indices)]).float()
+        """indices: per image (query indices, target indices) -> [M, H * W] (with gradient)."""
+        return matched_kernel_masks(self.kernels[None], self.mask_features, [indices])[0]

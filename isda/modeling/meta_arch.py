@@ -188,8 +188,9 @@ class ISDA(nn.Module):
             inst = x["instances"].to(self.device)
             gt = inst.gt_masks
             gt = gt.tensor if isinstance(gt, BitMasks) else torch.as_tensor(gt)
-            padded = torch.zeros(gt.shape[0], hp, wp, dtype=torch.float32, device=self.device)
-            padded[:, :gt.shape[1], :gt.shape[2]] = gt.float()
+            # zero padding to the padded input size (one pass: no zero-fill + copy of the
+            # full-resolution masks)
+            padded = F.pad(gt.float(), (0, wp - gt.shape[2], 0, hp - gt.shape[1]))
             if gt.shape[0] > 0:
                 soft = F.interpolate(padded[:, None], size=(h, w), mode="bilinear",
                                      align_corners=False)[:, 0]

@@ -1,6 +1,8 @@
 // CPU dropout / fused ReLU-dropout with a counter-based stream (see dropout.h).
 #include "dropout.h"
 
+#include "cpu/cpu_isa.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -23,14 +25,6 @@ uint32_t keep_threshold(double p) {
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task, at least
 constexpr int64_t kBlock = 1024;     // elements per inner block (even)
-
-// Runtime ISA dispatch (GCC function multi-versioning): the AVX-512 / AVX2 clones vectorise the
-// 64-bit hash and the masked scaling; the default clone keeps wheels portable.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ISDA_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ISDA_TARGET_CLONES
-#endif
 
 // One block of at most kBlock elements starting at element b0, in two branch-free passes: the
 // 32-bit words of its elements, then mask and output. A block may start at an odd element: its

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_isa.h"
 #include "ms_deform_attn.h"
 #include "ms_deform_attn_sampling.h"
 
@@ -52,83 +53,102 @@ struct Dims {
   int64_t N, S, M, D, Lq, L, P;
 };
 
+// Queries [begin, end) of the flattened N * Lq, all heads.
+template <typename scalar_t>
+ISDA_TARGET_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* value,
+                                     const int64_t* shapes, const int64_t* starts,
+                                     const scalar_t* loc, const scalar_t* attn, scalar_t* out,
+                                     const Dims& k) {
+  const int64_t MD = k.M * k.D;
+  const int64_t LP = k.L * k.P;
+  // Per head: the valid corners of all L * P points as (value offset, attention * weight),
+  // computed first so the accumulation below is a plain run of D-vector axpys.
+  std::vector<int64_t> offset(4 * LP);
+  std::vector<scalar_t> weight(4 * LP);
+  for (int64_t nq = begin; nq < end; ++nq) {
+    const int64_t n = nq / k.Lq;
+    const scalar_t* value_n = value + n * k.S * MD;
+    for (int64_t m = 0; m < k.M; ++m) {
+      const int64_t nqm = nq * k.M + m;
+      int64_t count = 0;
+      for (int64_t l = 0; l < k.L; ++l) {
+        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+        for (int64_t p = 0; p < k.P; ++p) {
+          const int64_t s = (nqm * k.L + l) * k.P + p;
+          BilinearPoint<scalar_t> bp;
+          if (!bilinear_point<scalar_t, false>(loc[2 * s], loc[2 * s + 1], H, W, bp)) continue;
+          const scalar_t a = attn[s];
+          for (int c = 0; c < 4; ++c) {
+            if (bp.index[c] < 0) continue;
+            offset[count] = (start + bp.index[c]) * MD + m * k.D;
+            weight[count] = a * bp.weight[c];
+            ++count;
+          }
+        }
+      }
+      scalar_t* o = out + nqm * k.D;
+      std::fill(o, o + k.D, scalar_t(0));
+      for (int64_t i = 0; i < count; ++i) axpy(o, weight[i], value_n + offset[i], k.D);
+    }
+  }
+}
+
 template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                     const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& k) {
-  const int64_t MD = k.M * k.D;
-  const int64_t LP = k.L * k.P;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k.M * LP));
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k.M * k.L * k.P));
   at::parallel_for(0, k.N * k.Lq, grain, [&](int64_t begin, int64_t end) {
-    // Per head: the valid corners of all L * P points as (value offset, attention * weight),
-    // computed first so the accumulation below is a plain run of D-vector axpys.
-    std::vector<int64_t> offset(4 * LP);
-    std::vector<scalar_t> weight(4 * LP);
-    for (int64_t nq = begin; nq < end; ++nq) {
-      const int64_t n = nq / k.Lq;
-      const scalar_t* value_n = value + n * k.S * MD;
-      for (int64_t m = 0; m < k.M; ++m) {
-        const int64_t nqm = nq * k.M + m;
-        int64_t count = 0;
-        for (int64_t l = 0; l < k.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
-          for (int64_t p = 0; p < k.P; ++p) {
-            const int64_t s = (nqm * k.L + l) * k.P + p;
-            BilinearPoint<scalar_t> bp;
-            if (!bilinear_point<scalar_t, false>(loc[2 * s], loc[2 * s + 1], H, W, bp)) continue;
-            const scalar_t a = attn[s];
-            for (int c = 0; c < 4; ++c) {
-              if (bp.index[c] < 0) continue;
-              offset[count] = (start + bp.index[c]) * MD + m * k.D;
-              weight[count] = a * bp.weight[c];
-              ++count;
-            }
-          }
+    forward_rows<scalar_t>(begin, end, value, shapes, starts, loc, attn, out, k);
+  });
+}
+
+// All sample points of head m in batch n (the task that owns grad_value[n, :, m, :]).
+template <typename scalar_t>
+ISDA_TARGET_CLONES void backward_head(int64_t n, int64_t m, const scalar_t* value,
+                                      const int64_t* shapes, const int64_t* starts,
+                                      const scalar_t* loc, const scalar_t* attn,
+                                      const scalar_t* grad_out, scalar_t* grad_value,
+                                      scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k) {
+  const int64_t MD = k.M * k.D;
+  const scalar_t* value_nm = value + n * k.S * MD + m * k.D;
+  scalar_t* grad_value_nm = grad_value + n * k.S * MD + m * k.D;
+  for (int64_t q = 0; q < k.Lq; ++q) {
+    const int64_t nqm = (n * k.Lq + q) * k.M + m;
+    const scalar_t* go = grad_out + nqm * k.D;
+    for (int64_t l = 0; l < k.L; ++l) {
+      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
+      for (int64_t p = 0; p < k.P; ++p) {
+        const int64_t s = (nqm * k.L + l) * k.P + p;
+        BilinearPoint<scalar_t> bp;
+        if (!bilinear_point<scalar_t, true>(loc[2 * s], loc[2 * s + 1], H, W, bp)) {
+          grad_attn[s] = 0;
+          grad_loc[2 * s] = 0;
+          grad_loc[2 * s + 1] = 0;
+          continue;
         }
-        scalar_t* o = out + nqm * k.D;
-        std::fill(o, o + k.D, scalar_t(0));
-        for (int64_t i = 0; i < count; ++i) axpy(o, weight[i], value_n + offset[i], k.D);
+        const scalar_t a = attn[s];
+        scalar_t dots[4] = {0, 0, 0, 0};
+        for (int c = 0; c < 4; ++c) {
+          if (bp.index[c] < 0) continue;
+          const int64_t off = (start + bp.index[c]) * MD;
+          dots[c] = dot(go, value_nm + off, k.D);
+          axpy(grad_value_nm + off, a * bp.weight[c], go, k.D);
+        }
+        bilinear_point_grads(bp, dots, a, grad_attn[s], grad_loc[2 * s], grad_loc[2 * s + 1]);
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t>
 void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                      const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
                      scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k) {
-  const int64_t MD = k.M * k.D;
   // One task per (batch, head): see the ownership argument at the top of the file.
   at::parallel_for(0, k.N * k.M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nm = begin; nm < end; ++nm) {
-      const int64_t n = nm / k.M, m = nm % k.M;
-      const scalar_t* value_nm = value + n * k.S * MD + m * k.D;
-      scalar_t* grad_value_nm = grad_value + n * k.S * MD + m * k.D;
-      for (int64_t q = 0; q < k.Lq; ++q) {
-        const int64_t nqm = (n * k.Lq + q) * k.M + m;
-        const scalar_t* go = grad_out + nqm * k.D;
-        for (int64_t l = 0; l < k.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1], start = starts[l];
-          for (int64_t p = 0; p < k.P; ++p) {
-            const int64_t s = (nqm * k.L + l) * k.P + p;
-            BilinearPoint<scalar_t> bp;
-            if (!bilinear_point<scalar_t, true>(loc[2 * s], loc[2 * s + 1], H, W, bp)) {
-              grad_attn[s] = 0;
-              grad_loc[2 * s] = 0;
-              grad_loc[2 * s + 1] = 0;
-              continue;
-            }
-            const scalar_t a = attn[s];
-            scalar_t dots[4] = {0, 0, 0, 0};
-            for (int c = 0; c < 4; ++c) {
-              if (bp.index[c] < 0) continue;
-              const int64_t off = (start + bp.index[c]) * MD;
-              dots[c] = dot(go, value_nm + off, k.D);
-              axpy(grad_value_nm + off, a * bp.weight[c], go, k.D);
-            }
-            bilinear_point_grads(bp, dots, a, grad_attn[s], grad_loc[2 * s], grad_loc[2 * s + 1]);
-          }
-        }
-      }
+      backward_head<scalar_t>(nm / k.M, nm % k.M, value, shapes, starts, loc, attn, grad_out,
+                              grad_value, grad_loc, grad_attn, k);
     }
   });
 }
