@@ -94,3 +94,37 @@ def test_soft_iou_equals_coco_iou_on_binary_masks():
     coco = mask_util.iou(enc(a), enc(b), [0] * 4)
     np.testing.assert_allclose(ours, coco, rtol=1e-6)
     assert ours[0, 0] == pytest.approx(1.0)
+
+
+def test_chunked_kernel_iou_equals_dense_float64():
+    """soft_mask_iou_from_kernels (chunked, no dense logits) against the dense float64 formula
+    written out here, on a channels-last feature map with a chunk size that does not divide P."""
+    from isda.modeling.matcher import soft_mask_iou_from_kernels
+
+    g = torch.Generator().manual_seed(5)
+    kernels = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    feats = torch.randn(1, 6, 9, 11, generator=g, dtype=torch.float64)
+    feats = feats.contiguous(memory_format=torch.channels_last).reshape(6, 99)
+    target = (torch.rand(3, 99, generator=g, dtype=torch.float64) > 0.6).to(torch.float64)
+    prob = 1 / (1 + torch.exp(-(kernels @ feats)))
+    inter = torch.einsum("qp,gp->qg", prob, target)
+    ref = inter / (prob.sum(1)[:, None] + target.sum(1)[None] - inter)
+    out = soft_mask_iou_from_kernels(kernels, feats, target, chunk=10)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_kernels_matches_forward_on_dense_logits():
+    from isda.modeling.heads import predict_masks
+    from isda.modeling.matcher import HungarianMatcher
+
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 12, 3, generator=g)
+    kernels = torch.randn(2, 12, 8, generator=g)
+    feats = torch.randn(2, 8, 10, 14, generator=g)
+    targets = [{"labels": torch.tensor([0, 2, 1]), "masks": (torch.rand(3, 10, 14, generator=g) > 0.5).float()},
+               {"labels": torch.tensor([], dtype=torch.int64), "masks": torch.zeros(0, 10, 14)}]
+    m = HungarianMatcher()
+    dense = m(logits, predict_masks(kernels, feats), targets)
+    lazy = m.forward_kernels(logits, kernels, feats, targets)
+    for (q1, g1), (q2, g2) in zip(dense, lazy):
+        assert torch.equal(q1, q2) and torch.equal(g1, g2)

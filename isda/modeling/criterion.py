@@ -4,7 +4,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from .heads import predict_masks
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -88,11 +87,16 @@ class SetCriterion(nn.Module):
         layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
         all_indices = []
         for l in layers:
-            masks = (DenseMasks(all_mask_logits[l].float()) if mask_features is None
-                     else KernelMasks(all_mask_logits[l], mask_features))
-            all_indices.append(self.matcher(all_logits[l].float(), masks.for_matching(), targets))
+            if mask_features is None:
+                all_indices.append(self.matcher(all_logits[l].float(),
+                                                all_mask_logits[l].detach().float(), targets))
+            else:
+                all_indices.append(self.matcher.forward_kernels(
+                    all_logits[l].float(), all_mask_logits[l].detach(), mask_features.detach(),
+                    targets))
         if mask_features is None:
-            src = [DenseMasks(all_mask_logits[l].float()).select(ind)
+            src = [torch.cat([all_mask_logits[l][i, q.to(all_logits.device)].flatten(1)
+                              for i, (q, _) in enumerate(ind)]).float()
                    for l, ind in zip(layers, all_indices)]
         else:
             src = matched_kernel_masks(all_mask_logits[layers], mask_features, all_indices)
@@ -125,36 +129,3 @@ def matched_kernel_masks(kernels, mask_features, all_indices):
         for l, part in enumerate((torch.cat(rows) @ feats[i]).split(sizes)):
             per_layer[l].append(part)
     return [torch.cat(parts).float() for parts in per_layer]
-
-
-class DenseMasks:
-    """Mask logits of one layer given as a tensor [N, Q, H, W]."""
-
-    def __init__(self, mask_logits):
-        self.mask_logits = mask_logits
-
-    def for_matching(self):
-        return self.mask_logits.detach()
-
-    def select(self, indices):
-        """indices: per image (query indices, target indices) -> [M, H * W] (with gradient)."""
-        return torch.cat([self.mask_logits[i, q.to(self.mask_logits.device)].flatten(1)
-                          for i, (q, _) in enumerate(indices)])
-
-
-class KernelMasks:
-    """Mask logits of one layer as kernels [N, Q, D] applied to mask features [N, D, H, W],
-    computed on demand: all queries without gradient, the selected ones with gradient (so the
-    backward pass never sees the [N, Q, H, W] logits of unmatched queries)."""
-
-    def __init__(self, kernels, mask_features):
-        self.kernels = kernels
-        self.mask_features = mask_features
-
-    def for_matching(self):
-        with torch.no_grad():
-            return predict_masks(self.kernels, self.mask_features).float()
-
-    def select(self, indices):
-        """indices: per image (query indices, target indices) -> [M, H * W] (with gradient)."""
-        return matched_kernel_masks(self.kernels[None], self.mask_features, [indices])[0]

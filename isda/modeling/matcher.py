@@ -20,6 +20,24 @@ def soft_mask_iou(pred, target, eps=1e-6):
     return inter / union.clamp(min=eps)
 
 
+def soft_mask_iou_from_kernels(kernels, features, target, chunk=4096, eps=1e-6):
+    """:func:`soft_mask_iou` of ``sigmoid(kernels @ features)`` with ``target`` without ever
+    holding the [Q, P] logits: the pixels are processed in chunks of ``chunk`` columns (logits,
+    sigmoid and both sums per chunk, cache-sized), which saves the full-size writes and reads and
+    the large allocation of the dense form.
+
+    kernels: [Q, D]; features: [D, P] (any strides); target: [G, P] -> [Q, G]."""
+    q, p = kernels.shape[0], features.shape[1]
+    inter = kernels.new_zeros(q, target.shape[0])
+    pred_sum = kernels.new_zeros(q)
+    for p0 in range(0, p, chunk):
+        prob = (kernels @ features[:, p0:p0 + chunk]).sigmoid_()
+        inter.addmm_(prob, target[:, p0:p0 + chunk].t())
+        pred_sum += prob.sum(-1)
+    union = pred_sum[:, None] + target.sum(-1)[None, :] - inter
+    return inter / union.clamp(min=eps)
+
+
 class HungarianMatcher(nn.Module):
     """Cost = ``cost_class`` * focal class cost + ``cost_mask`` * (1 - soft mask IoU), solved per
     image with ``scipy.optimize.linear_sum_assignment``."""
@@ -34,21 +52,44 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def cost_matrix(self, logits, mask_logits, labels, masks):
         """logits: [Q, K]; mask_logits: [Q, H, W]; labels: [G]; masks: [G, H, W] -> [Q, G]."""
-        c_cls = focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
         iou = soft_mask_iou(mask_logits.flatten(1).float().sigmoid(), masks.flatten(1).float())
+        return self._cost(logits, labels, iou)
+
+    def _cost(self, logits, labels, iou):
+        c_cls = focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
         return self.cost_class * c_cls + self.cost_mask * (1 - iou)
 
     @torch.no_grad()
     def forward(self, logits, mask_logits, targets):
         """logits: [N, Q, K]; mask_logits: [N, Q, H, W]; targets: list of dicts with "labels"
         [G] and "masks" [G, H, W] -> list of (query indices, target indices) int64 pairs."""
+        return self._assign(targets, lambda i, t: self.cost_matrix(
+            logits[i], mask_logits[i], t["labels"], t["masks"]))
+
+    @torch.no_grad()
+    def forward_kernels(self, logits, kernels, mask_features, targets):
+        """As :meth:`forward` with mask logits given as kernels [N, Q, D] applied to mask
+        features [N, D, H, W] (:func:`soft_mask_iou_from_kernels`: the [N, Q, H, W] logits
+        are never materialised)."""
+        n, d = mask_features.shape[:2]
+        feats = mask_features.reshape(n, d, -1)
+
+        def cost(i, t):
+            iou = soft_mask_iou_from_kernels(kernels[i].float(), feats[i].float(),
+                                             t["masks"].flatten(1).float())
+            return self._cost(logits[i], t["labels"], iou)
+
+        return self._assign(targets, cost)
+
+    @staticmethod
+    def _assign(targets, cost_fn):
         out = []
         for i, t in enumerate(targets):
             if len(t["labels"]) == 0:
                 empty = torch.empty(0, dtype=torch.int64)
                 out.append((empty, empty))
                 continue
-            c = self.cost_matrix(logits[i], mask_logits[i], t["labels"], t["masks"]).cpu()
+            c = cost_fn(i, t).cpu()
             q, g = linear_sum_assignment(c.numpy())
             out.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64)))
         return out

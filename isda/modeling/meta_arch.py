@@ -163,8 +163,10 @@ class ISDA(nn.Module):
         levels = (8, 16, 32, 64)
         src, pos, token_mask, shapes, start, ratios = self.flatten_levels(
             [maps[s] for s in levels], [masks[s] for s in levels])
-        memory = self.encoder(src, pos, shapes, start, ratios, token_mask)
-        hs, ref = self.decoder(memory, shapes, start, ratios, token_mask)
+        # no padding anywhere (e.g. one image, or same-size images): skip the attention's masking
+        attn_mask = token_mask if bool(token_mask.any()) else None
+        memory = self.encoder(src, pos, shapes, start, ratios, attn_mask)
+        hs, ref = self.decoder(memory, shapes, start, ratios, attn_mask)
 
         if self.mask_feature_source == "encoder":
             n, _, c = memory.shape
