@@ -33,6 +33,8 @@ from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
+from .token_linear import TokenLinear
+
 __all__ = [
     "MSDeformAttn",
     "MSDeformAttnFunction",
@@ -338,10 +340,10 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = TokenLinear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = TokenLinear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = TokenLinear(d_model, d_model)
+        self.output_proj = TokenLinear(d_model, d_model)
         self._reset_parameters()
 
     def _reset_parameters(self):

@@ -2,6 +2,7 @@
 import torch
 from torch import nn
 
+from ..layers.token_linear import TokenLinear
 from ..layers.dropout import FastDropout
 from .deformable_encoder import _activation, _msdeform_attn, feed_forward
 
@@ -18,10 +19,10 @@ class DeformableDecoderLayer(nn.Module):
         self.cross_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
         self.dropout2 = FastDropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = TokenLinear(d_model, d_ffn)
         self.activation = _activation(activation)
         self.dropout3 = FastDropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = TokenLinear(d_ffn, d_model)
         self.dropout4 = FastDropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers.token_linear import TokenLinear
 from ..layers.dropout import FastDropout, relu_dropout
 
 
@@ -36,10 +37,10 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = FastDropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear1 = TokenLinear(d_model, d_ffn)
         self.activation = _activation(activation)
         self.dropout2 = FastDropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.linear2 = TokenLinear(d_ffn, d_model)
         self.dropout3 = FastDropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 

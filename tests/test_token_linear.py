@@ -1,0 +1,43 @@
+"""TokenLinear (oneDNN 1x1-convolution path for large CPU inputs) against a float64 F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import isda.layers.token_linear as TL
+
+
+@pytest.mark.parametrize("shape", [(2, 700, 48), (1500, 48)])
+def test_matches_float64_linear_forward_and_backward(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    layer = TL.TokenLinear(48, 40)
+    assert TL._use_onednn(x), "this size must take the oneDNN path"
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
+    gy = torch.randn(y.shape, generator=g)
+    gx, gw, gb = torch.autograd.grad(y, [x, layer.weight, layer.bias], gy)
+
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+    y64 = F.linear(x64, w64, b64)
+    rx, rw, rb = torch.autograd.grad(y64, [x64, w64, b64], gy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-3)
+
+
+def test_small_inputs_and_disabled_switch_use_f_linear(monkeypatch):
+    x = torch.randn(10, 48)
+    assert not TL._use_onednn(x)
+    monkeypatch.setattr(TL, "_enabled", False)
+    assert not TL._use_onednn(torch.randn(5000, 48))
+    layer = TL.TokenLinear(48, 8)
+    big = torch.randn(5000, 48)
+    torch.testing.assert_close(layer(big), F.linear(big, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_state_dict_is_nn_linear_compatible():
+    a = torch.nn.Linear(16, 4)
+    b = TL.TokenLinear(16, 4)
+    b.load_state_dict(a.state_dict())
+    assert set(b.state_dict()) == {"weight", "bias"}
