@@ -50,7 +50,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def visualise(config: str, weights: Path, out_png: Path, opts) -> None:
+def visualise(config: str, weights: Path, out_png: Path, opts, threshold: float = 0.3) -> None:
     """Ground truth next to predictions for nuclei_val and the first training tile."""
     import cv2
     import numpy as np
@@ -80,13 +80,13 @@ def visualise(config: str, weights: Path, out_png: Path, opts) -> None:
         with torch.no_grad():
             inst = predictor(image, image_format="RGB")["instances"]
         inst = inst.to("cpu")
-        inst = inst[inst.scores >= 0.5]
+        inst = inst[inst.scores >= threshold]
         pred = Visualizer(image, meta, scale=2.0, instance_mode=ColorMode.IMAGE)
         pred_img = pred.draw_instance_predictions(inst).get_image()
         sep = np.full((gt_img.shape[0], 8, 3), 255, np.uint8)
         panel = np.concatenate([gt_img, sep, pred_img], axis=1)
         label = np.full((28, panel.shape[1], 3), 255, np.uint8)
-        cv2.putText(label, f"{name}: ground truth | ISDA predictions (score >= 0.5, "
+        cv2.putText(label, f"{name}: ground truth | ISDA predictions (score >= {threshold:g}, "
                            f"{len(inst)} instances)", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
                     (0, 0, 0), 1, cv2.LINE_AA)
         rows.append(np.concatenate([label, panel], axis=0))
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config-file", default=DEFAULT_CONFIG)
     ap.add_argument("--output", default="output/main")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vis-threshold", type=float, default=0.3,
+                    help="score threshold of the drawn predictions (scores are class x mask "
+                         "probability; the small nuclei model's true detections score 0.3-0.5)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra KEY VALUE config overrides")
     args = ap.parse_args(argv)
     out = (ROOT / args.output).resolve()
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
 
     print("[main] drawing predictions", flush=True)
     t0 = time.time()
-    visualise(args.config_file, weights, out / "predictions.png", args.opts)
+    visualise(args.config_file, weights, out / "predictions.png", args.opts, args.vis_threshold)
     t_vis = time.time() - t0
 
     metrics = {
