@@ -13,7 +13,7 @@
 //    accumulated by one thread in a fixed (query, level, point, corner) order, so results are
 //    bit-identical across runs and for any number of threads. Parallelism is bounded by N * M
 //    (8 per image with 8 heads), which covers the CPU core counts this op targets.
-//    The backward works on head-major copies value_t / grad_value_t [N, M, S, D]: a task's
+//    For many queries (the encoder) the backward works on head-major copies [N, M, S, D]: a task's
 //    corners are then 128-byte rows of one contiguous block (neighbouring pixels adjacent in
 //    memory) instead of rows M * D apart, which halves its time on cache misses (measured 2.2x
 //    on the encoder shape); the two transposes cost a few ms.
@@ -107,15 +107,15 @@ void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t*
 }
 
 // All sample points of head m in batch n (the task that owns grad_value[n, :, m, :]).
+// value_nm / grad_value_nm point at position 0 of head m in batch n; consecutive positions are
+// `row` elements apart (M * D in the [N, S, M, D] layout, D in the head-major one).
 template <typename scalar_t>
-ISDA_TARGET_CLONES void backward_head(int64_t n, int64_t m, const scalar_t* value,
+ISDA_TARGET_CLONES void backward_head(int64_t n, int64_t m, const scalar_t* value_nm,
+                                      scalar_t* grad_value_nm, int64_t row,
                                       const int64_t* shapes, const int64_t* starts,
                                       const scalar_t* loc, const scalar_t* attn,
-                                      const scalar_t* grad_out, scalar_t* grad_value,
-                                      scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k) {
-  // value and grad_value are head-major [N, M, S, D] here
-  const scalar_t* value_nm = value + (n * k.M + m) * k.S * k.D;
-  scalar_t* grad_value_nm = grad_value + (n * k.M + m) * k.S * k.D;
+                                      const scalar_t* grad_out, scalar_t* grad_loc,
+                                      scalar_t* grad_attn, const Dims& k) {
   for (int64_t q = 0; q < k.Lq; ++q) {
     const int64_t nqm = (n * k.Lq + q) * k.M + m;
     const scalar_t* go = grad_out + nqm * k.D;
@@ -134,7 +134,7 @@ ISDA_TARGET_CLONES void backward_head(int64_t n, int64_t m, const scalar_t* valu
         scalar_t dots[4] = {0, 0, 0, 0};
         for (int c = 0; c < 4; ++c) {
           if (bp.index[c] < 0) continue;
-          const int64_t off = (start + bp.index[c]) * k.D;
+          const int64_t off = (start + bp.index[c]) * row;
           dots[c] = dot(go, value_nm + off, k.D);
           axpy(grad_value_nm + off, a * bp.weight[c], go, k.D);
         }
@@ -144,15 +144,20 @@ ISDA_TARGET_CLONES void backward_head(int64_t n, int64_t m, const scalar_t* valu
   }
 }
 
+// head_major: value / grad_value are [N, M, S, D] (else [N, S, M, D]).
 template <typename scalar_t>
 void backward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
                      const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
-                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k) {
+                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn, const Dims& k,
+                     bool head_major) {
   // One task per (batch, head): see the ownership argument at the top of the file.
   at::parallel_for(0, k.N * k.M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nm = begin; nm < end; ++nm) {
-      backward_head<scalar_t>(nm / k.M, nm % k.M, value, shapes, starts, loc, attn, grad_out,
-                              grad_value, grad_loc, grad_attn, k);
+      const int64_t n = nm / k.M, m = nm % k.M;
+      const int64_t base = head_major ? nm * k.S * k.D : n * k.S * k.M * k.D + m * k.D;
+      const int64_t row = head_major ? k.D : k.M * k.D;
+      backward_head<scalar_t>(n, m, value + base, grad_value + base, row, shapes, starts, loc,
+                              attn, grad_out, grad_loc, grad_attn, k);
     }
   });
 }
@@ -194,18 +199,22 @@ std::vector<at::Tensor> ms_deform_attn_backward_cpu(const at::Tensor& value,
     grad_attn.zero_();
     return {at::zeros_like(value), grad_loc, grad_attn};
   }
-  // head-major working copies (see the top of the file)
-  const at::Tensor value_t = value.permute({0, 2, 1, 3}).contiguous();
-  at::Tensor grad_value_t = at::zeros_like(value_t);
+  // Head-major working copies (see the top of the file) pay off when the sample points visit
+  // many more corners than there are value rows (the encoder); for a few hundred queries (the
+  // decoder) the two transposes would cost more than they save, and memory.
+  const bool head_major = k.Lq * k.L * k.P > k.S;  // sample points vs value rows per head
+  const at::Tensor value_w = head_major ? value.permute({0, 2, 1, 3}).contiguous() : value;
+  at::Tensor grad_value_w = at::zeros_like(value_w);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(
-        value_t.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+        value_w.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
         level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
         attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
-        grad_value_t.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
-        grad_attn.data_ptr<scalar_t>(), k);
+        grad_value_w.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
+        grad_attn.data_ptr<scalar_t>(), k, head_major);
   });
-  at::Tensor grad_value = grad_value_t.permute({0, 2, 1, 3}).contiguous();
+  at::Tensor grad_value =
+      head_major ? grad_value_w.permute({0, 2, 1, 3}).contiguous() : grad_value_w;
   return {grad_value, grad_loc, grad_attn};
 }
 
