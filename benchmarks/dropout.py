@@ -9,32 +9,20 @@ Cases: ReLU + dropout of the FFN hidden state (torch: ``F.dropout(F.relu(x))``; 
 backward, p = 0.1 (the paper's), alternating the implementations, median of ``--repeats``.
 Outputs are written into fresh tensors, as in training. The last stdout line is one JSON object.
 """
-import argparse
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from side_by_side import alternating_medians, layer_benchmark_args, report_pair  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=None)
-    args = p.parse_args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
+    args = layer_benchmark_args(__doc__, argv)
     from isda.layers.dropout import dropout, fast_dropout_available, relu_dropout
-    from isda.utils.cpu_allocator import keep_freed_memory
-
-    keep_freed_memory()  # both implementations allocate their outputs alike
 
     tokens = 4096 if args.quick else 20197
     repeats = args.repeats or (5 if args.quick else 15)
@@ -58,21 +46,9 @@ def main(argv=None):
                 else:
                     torch.autograd.grad(fn(x), x, grad)
 
-            times = {"torch": [], "isda": []}
-            for i in range(repeats + 1):
-                order = ("torch", "isda") if i % 2 == 0 else ("isda", "torch")
-                for impl in order:
-                    t0 = time.perf_counter()
-                    run(torch_fn if impl == "torch" else isda_fn)
-                    if i > 0:
-                        times[impl].append(time.perf_counter() - t0)
-            t_torch = statistics.median(times["torch"]) * 1e3
-            t_isda = statistics.median(times["isda"]) * 1e3
-            report[f"{name}_{mode}_torch_ms"] = round(t_torch, 2)
-            report[f"{name}_{mode}_isda_ms"] = round(t_isda, 2)
-            report[f"{name}_{mode}_speedup"] = round(t_torch / t_isda, 2)
-            print(f"{name:13s} {mode:7s} torch {t_torch:8.2f} ms   isda {t_isda:8.2f} ms   "
-                  f"speedup {t_torch / t_isda:5.2f}x", flush=True)
+            med = alternating_medians({"torch": lambda: run(torch_fn), "isda": lambda: run(isda_fn)},
+                                      repeats)
+            report_pair(report, f"{name}_{mode}", med, "torch", "isda", f"{name:13s} {mode:7s}")
     print(json.dumps(report))
 
 
