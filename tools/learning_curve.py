@@ -4,8 +4,8 @@
     python tools/learning_curve.py --config-file configs/nuclei/isda_R18_tiny.yaml \\
         --evals 50,80,110 MODEL.ISDA.MASK_FEATURE_SOURCE encoder SEED 1
 
-Full-batch AdamW on the un-augmented ``DATASETS.TRAIN`` images (linear warm-up, global
-gradient-norm clipping), evaluated on ``DATASETS.TEST[0]`` with Detectron2's COCOEvaluator.
+Full-batch AdamW on the un-augmented ``DATASETS.TRAIN`` images (``isda.engine.plain_loop``:
+linear warm-up, global gradient-norm clipping), evaluated on ``DATASETS.TEST[0]`` with Detectron2's COCOEvaluator.
 Used for the measurements in docs/model.md.
 """
 import argparse
@@ -22,23 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
 
 import isda  # noqa: E402
-from isda.data.minimal_mapper import MinimalInstanceMapper  # noqa: E402
+from isda.engine.plain_loop import build_plain_training, evaluate_segm, plain_step  # noqa: E402
 
 
 def evaluate(model, cfg):
-    name = cfg.DATASETS.TEST[0]
-    mapper = MinimalInstanceMapper(cfg, is_train=False)
-    loader = [[mapper(d)] for d in DatasetCatalog.get(name)]
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOEvaluator(name, tasks=("segm",), distributed=False, output_dir=out,
-                                  use_fast_impl=False)
-        model.eval()
-        return inference_on_dataset(model, loader, evaluator)["segm"]
+        return evaluate_segm(model, cfg, out)
 
 
 def main(argv=None):
@@ -56,23 +47,10 @@ def main(argv=None):
     cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + args.opts)
     evals = sorted(int(x) for x in args.evals.split(","))
 
-    torch.manual_seed(cfg.SEED)
-    model = build_model(cfg)
-    mapper = MinimalInstanceMapper(cfg, is_train=True)
-    data = [mapper(d) for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.SOLVER.BASE_LR,
-                            weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    model, data, opt = build_plain_training(cfg)
     start, eval_time = time.time(), 0.0
     for it in range(1, evals[-1] + 1):
-        model.train()
-        losses = model(data)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE)
-        for group in opt.param_groups:
-            group["lr"] = cfg.SOLVER.BASE_LR * min(1.0, it / max(1, cfg.SOLVER.WARMUP_ITERS))
-        opt.step()
+        loss, losses = plain_step(model, opt, cfg, data, it)
         if it % 10 == 0:
             print(f"iter {it} loss {loss.item():.3f} focal {losses['loss_focal'].item():.3f} "
                   f"dice {losses['loss_dice'].item():.3f}", flush=True)
