@@ -29,10 +29,10 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// 32-bit random word of element i of the stream `seed`.
-inline uint32_t dropout_word(uint64_t seed, int64_t i) {
-  const uint64_t h = splitmix64(seed + static_cast<uint64_t>(i >> 1) * kGoldenGamma);
-  return static_cast<uint32_t>((i & 1) ? (h >> 32) : (h & 0xFFFFFFFFULL));
+// The 64 random bits of element pair `pair` (elements 2 * pair: low 32 bits, 2 * pair + 1: high
+// 32 bits) of the stream `seed`.
+inline uint64_t dropout_pair_bits(uint64_t seed, int64_t pair) {
+  return splitmix64(seed + static_cast<uint64_t>(pair) * kGoldenGamma);
 }
 
 }  // namespace detail

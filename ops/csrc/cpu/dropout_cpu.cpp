@@ -37,8 +37,7 @@ ISDA_TARGET_CLONES void dropout_block(const scalar_t* __restrict__ x, scalar_t* 
   const int64_t first_pair = b0 >> 1;
   const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
   for (int64_t k = 0; k < pairs; ++k) {
-    const uint64_t h =
-        detail::splitmix64(seed + static_cast<uint64_t>(first_pair + k) * detail::kGoldenGamma);
+    const uint64_t h = detail::dropout_pair_bits(seed, first_pair + k);
     words[2 * k] = static_cast<uint32_t>(h);
     words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
   }
