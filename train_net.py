@@ -176,6 +176,8 @@ def setup(args):
                       f"MODEL.DEVICE={cfg.MODEL.DEVICE}")
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
+    if cfg.MODEL.DEVICE == "cpu":
+        keep_freed_memory()  # no page faults for re-allocated activations (isda/utils/cpu_allocator.py)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")
     return cfg
@@ -183,8 +185,6 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
-    if cfg.MODEL.DEVICE == "cpu":
-        keep_freed_memory()  # no page faults for re-allocated activations (isda/utils/cpu_allocator.py)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
