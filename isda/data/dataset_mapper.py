@@ -40,6 +40,22 @@ class BadSampleError(RuntimeError):
     """A dataset record that cannot be turned into a training sample (names the file)."""
 
 
+def _shapely_errors() -> tuple:
+    try:
+        from shapely.errors import ShapelyError
+    except ImportError:  # shapely missing: the polygon crop itself raises ImportError (not data)
+        return ()
+    return (ShapelyError,)
+
+
+#: Exceptions that mean "this sample's data is unusable" (undecodable file, wrong sizes or
+#: coordinates, geometry the polygon crop rejects). Anything else - a missing module, a
+#: programming error, running out of memory - is not the sample's fault: it propagates whatever
+#: ``INPUT.BAD_SAMPLE_POLICY`` says, so ``skip`` cannot silently drop good data.
+IMAGE_DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+ANNOTATION_DATA_ERRORS = (ValueError, IndexError, OverflowError) + _shapely_errors()
+
+
 def read_image(file_name: str, format: str) -> np.ndarray:
     """Detectron2's ``read_image`` (EXIF orientation, conversion to ``format``), except that
     16-bit and 32-bit integer / float images are scaled to 8 bits rather than clipped at 255."""
@@ -148,7 +164,7 @@ class ISDADatasetMapper:
         file_name = dataset_dict.get("file_name", "<no file_name>")
         try:
             image = read_image(file_name, format=self.image_format)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        except IMAGE_DATA_ERRORS as e:
             raise BadSampleError(f"{file_name}: cannot read image ({type(e).__name__}: {e})") from e
         try:
             utils.check_image_size(dataset_dict, image)
@@ -177,7 +193,7 @@ class ISDADatasetMapper:
                     continue
             try:
                 annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
-            except Exception as e:  # noqa: BLE001
+            except ANNOTATION_DATA_ERRORS as e:
                 raise BadSampleError(f"{file_name}: {_ann_name(obj)} cannot be "
                                      f"transformed ({type(e).__name__}: {e})") from e
         dataset_dict["instances"] = annotations_to_instances(annos, image_shape, file_name,
