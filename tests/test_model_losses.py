@@ -7,6 +7,7 @@ import torch
 from isda.modeling.criterion import (SetCriterion, dice_loss, num_instances_normaliser,
                                      sigmoid_focal_loss)
 from isda.modeling.matcher import HungarianMatcher
+from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
 
 
 def _sig(x):
@@ -73,3 +74,22 @@ def test_criterion_totals_and_deep_supervision():
     assert losses["loss_dice"].item() == pytest.approx(3.0 * dice.item() / 3, rel=1e-5)
     crit.deep_supervision = False
     assert set(crit(logits, masks, targets)) == {"loss_focal", "loss_dice"}
+
+
+def test_batch_without_instances_gives_every_parameter_a_gradient(one_thread):
+    """A rank whose images have no instance must still produce a gradient (zero where nothing
+    was matched) for every trainable parameter: DistributedDataParallel otherwise fails on the
+    next step ("Expected to have finished reduction in the prior iteration") or, with NCCL,
+    hangs the other ranks."""
+    model = build(small_cfg())
+    model.train()
+    batch = [synthetic_input(64, 96, num_inst=0, seed=s) for s in range(2)]
+    losses = model(batch)
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    # nothing matched: the mask branch's gradients are exactly zero, the classifier's are not
+    head = dict(model.named_parameters())
+    mask_grads = [p.grad for n, p in head.items() if n.startswith("mask_head.")]
+    assert mask_grads and all(torch.count_nonzero(g) == 0 for g in mask_grads)
+    assert all(torch.isfinite(p.grad).all() for p in head.values() if p.grad is not None)

@@ -114,7 +114,12 @@ def matched_kernel_masks(kernels, mask_features, all_indices):
     kernels: [layers, N, Q, D]; mask_features: [N, D, H, W]; all_indices: per layer, the
     matcher's per-image (query indices, target indices) -> per layer [M_l, H * W] float, rows in
     image order then match order. One product per image for all layers together (one backward
-    pass through the [D, H * W] features instead of one per layer)."""
+    pass through the [D, H * W] features instead of one per layer).
+
+    An image without matches still goes through the product (an empty [0, H * W] result): the
+    losses then stay connected to the kernels and the mask features, whose parameters receive
+    zero gradients. Under DistributedDataParallel every rank must produce a gradient for every
+    parameter, also a rank whose images have no instance."""
     n, d = mask_features.shape[:2]
     feats = mask_features.reshape(n, d, -1)
     device = kernels.device
@@ -122,10 +127,6 @@ def matched_kernel_masks(kernels, mask_features, all_indices):
     for i in range(n):
         rows = [kernels[l, i, ind[i][0].to(device)] for l, ind in enumerate(all_indices)]
         sizes = [r.shape[0] for r in rows]
-        if sum(sizes) == 0:
-            for l in range(len(all_indices)):
-                per_layer[l].append(feats.new_zeros(0, feats.shape[-1]))
-            continue
         for l, part in enumerate((torch.cat(rows) @ feats[i]).split(sizes)):
             per_layer[l].append(part)
     return [torch.cat(parts).float() for parts in per_layer]
