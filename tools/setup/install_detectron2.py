@@ -4,13 +4,21 @@
 Order of preference (the first that works wins):
 
 1. ``native``   - an importable Detectron2 whose compiled ``detectron2._C`` loads: used as is.
-2. ``source``   - a source build from the official GitHub repository, when it is reachable
-                  (what real users on a networked GPU box get).
+2. ``source``   - a build of Detectron2's source with its compiled ``detectron2._C`` (CPU, plus
+                  CUDA where a GPU toolkit is usable), from
+                  * a local source archive (``.tar.gz``/``.tgz``/``.zip``) or folder named by
+                    ``ISDA_DETECTRON2_SOURCE`` or ``--source`` (the offline install), else
+                  * the official GitHub repository, when it is reachable.
 3. ``fallback`` - the registry sdist ``pb1-detectron2==0.6``: Detectron2 v0.6's Python code,
                   published without its C++ sources. We unpack it, apply a handful of
                   compatibility fixes programmatically (today's Pillow, numpy 2, setuptools
                   without ``pkg_resources``) and add a placeholder ``detectron2._C`` whose
                   attributes raise a clear error. Nothing of Detectron2 is committed to ISDA.
+
+``ISDA_DETECTRON2_FLAVOUR=fallback`` (or ``--force-fallback``) installs the fallback whatever
+else is possible (the second test flavour of CI). Source builds get one compatibility fix at
+set-up time: ``detectron2.model_zoo`` imports ``pkg_resources``, which setuptools >= 81 no
+longer ships; the import is replaced by a small stand-in for the one function it uses.
 
 The flavour installed is recorded in ``<sys.prefix>/isda-detectron2.json`` and reported by
 ``python -m isda.collect_env``.
@@ -148,10 +156,63 @@ def official_repo_reachable(timeout: float = 15.0) -> bool:
         return False
 
 
-def install_from_source() -> bool:
-    log(f"official repository reachable: building Detectron2 from {OFFICIAL_REPO}")
-    r = pip("install", "--no-build-isolation", f"git+{OFFICIAL_REPO}", check=False)
-    return r.returncode == 0
+def _source_tree(src: Path, workdir: Path) -> Path:
+    """A writable copy of a Detectron2 source tree from an archive or a folder: the folder that
+    holds ``setup.py`` and the ``detectron2`` package."""
+    dest = workdir / "src"
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git", "build", "*.so"))
+    elif src.name.endswith((".tar.gz", ".tgz", ".tar")):
+        with tarfile.open(src) as tf:
+            tf.extractall(dest, filter="data")
+    elif src.name.endswith(".zip"):
+        import zipfile
+
+        with zipfile.ZipFile(src) as zf:
+            zf.extractall(dest)
+    else:
+        raise SystemExit(f"ISDA_DETECTRON2_SOURCE={src}: not a folder, .tar.gz, .tgz, .tar or .zip")
+    for setup_py in sorted(dest.rglob("setup.py"), key=lambda p: len(p.parts)):
+        if (setup_py.parent / "detectron2" / "__init__.py").is_file():
+            return setup_py.parent
+    raise SystemExit(f"ISDA_DETECTRON2_SOURCE={src}: no Detectron2 source tree in it (expected "
+                     "setup.py next to a detectron2/ package)")
+
+
+def patch_source_tree(tree: Path) -> None:
+    """The one set-up fix a source build needs today: ``pkg_resources`` in ``model_zoo``."""
+    for py in sorted((tree / "detectron2").rglob("*.py")):
+        text = py.read_text(encoding="utf-8")
+        new = re.sub(r"^import pkg_resources\n", lambda _: PKG_RESOURCES_SHIM, text, flags=re.M)
+        if new != text:
+            py.write_text(new, encoding="utf-8")
+            log(f"patched the pkg_resources import of {py.relative_to(tree)}")
+
+
+def build_source_tree(src: Path | None) -> bool:
+    """Build and install Detectron2 from a local archive/folder ``src``, or from GitHub."""
+    with tempfile.TemporaryDirectory(prefix="isda-d2-") as tmp:
+        if src is None:
+            log(f"official repository reachable: building Detectron2 from {OFFICIAL_REPO}")
+            tree = Path(tmp) / "src"
+            r = subprocess.run(["git", "clone", "--depth", "1", OFFICIAL_REPO, str(tree)])
+            if r.returncode != 0:
+                return False
+        else:
+            log(f"building Detectron2 from the local source {src} (compiles detectron2._C: a few "
+                "CPU-minutes)")
+            tree = _source_tree(src, Path(tmp))
+        patch_source_tree(tree)
+        env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))}
+        # --no-deps: requirements.txt already holds what ISDA needs of Detectron2's dependencies
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+                            "--no-deps", "--force-reinstall", str(tree)], env=env)
+        return r.returncode == 0
+
+
+def source_identity(src: Path) -> str:
+    """What a local source is, for the record: the archive's sha256, or the folder's path."""
+    return f"sha256:{sha256(src)}" if src.is_file() else f"folder:{src.resolve()}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,36 +377,59 @@ def install_fallback(cache: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--cache", type=Path, default=Path(".cache/setup"),
                     help="where downloaded archives are kept")
+    ap.add_argument("--source", type=Path, default=os.environ.get("ISDA_DETECTRON2_SOURCE") or None,
+                    help="a Detectron2 source archive (.tar.gz/.tgz/.zip) or folder to build "
+                         "offline (default: $ISDA_DETECTRON2_SOURCE)")
     ap.add_argument("--force-fallback", action="store_true",
-                    help="install the registry fallback even if another flavour is possible")
+                    default=os.environ.get("ISDA_DETECTRON2_FLAVOUR", "").lower() == "fallback",
+                    help="install the registry fallback even if another flavour is possible "
+                         "(default: on when ISDA_DETECTRON2_FLAVOUR=fallback)")
     args = ap.parse_args()
+    src = args.source.expanduser().resolve() if args.source else None
+    if src is not None and not src.exists():
+        raise SystemExit(f"ISDA_DETECTRON2_SOURCE / --source: {src} does not exist")
 
     info = probe_installed()
+    previous = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     if info and not args.force_fallback:
-        if info["flavour"] == "native":
-            log(f"using the installed native Detectron2 {info['version']} ({info['path']})")
-            write_record({"flavour": "native", "version": info["version"]})
+        wanted = source_identity(src) if src else None
+        if info["flavour"] == "native" and (wanted is None or previous.get("from") == wanted):
+            log(f"using the installed Detectron2 {info['version']} with compiled ops "
+                f"({info['path']})")
+            if previous.get("flavour") not in ("native", "source"):
+                write_record({"flavour": "native", "version": info["version"]})
             return 0
-        if info["flavour"] == "fallback" and info["version"] == FALLBACK_VERSION:
+        if info["flavour"] == "fallback" and info["version"] == FALLBACK_VERSION and src is None:
             log(f"registry fallback Detectron2 {info['version']} already installed")
             if not RECORD.exists():
                 write_record({"flavour": "fallback", "version": info["version"]})
             return 0
         log(f"found Detectron2 {info['version']} ({info['flavour']}): replacing it")
+    elif info and info["flavour"] == "fallback" and info["version"] == FALLBACK_VERSION:
+        log(f"registry fallback Detectron2 {info['version']} already installed (forced)")
+        write_record({**previous, "flavour": "fallback", "version": info["version"]})
+        return 0
 
-    if not args.force_fallback and official_repo_reachable():
-        if install_from_source():
+    if not args.force_fallback and (src is not None or official_repo_reachable()):
+        if build_source_tree(src):
             info = probe_installed()
             if info and info["flavour"] == "native":
-                write_record({"flavour": "source", "version": info["version"]})
-                log(f"built Detectron2 {info['version']} from source")
+                write_record({"flavour": "source", "version": info["version"],
+                              "from": source_identity(src) if src else OFFICIAL_REPO})
+                log(f"built Detectron2 {info['version']} from source, with compiled ops")
                 return 0
+        if src is not None:
+            raise SystemExit(f"building Detectron2 from {src} failed (see the compiler output "
+                             "above and docs/troubleshooting.md)")
         log("source build failed; using the registry fallback")
+    elif args.force_fallback:
+        log("ISDA_DETECTRON2_FLAVOUR=fallback: installing the registry fallback")
     else:
-        log("official Detectron2 repository not reachable: using the registry fallback")
+        log("official Detectron2 repository not reachable and no ISDA_DETECTRON2_SOURCE: using "
+            "the registry fallback")
 
     record = install_fallback(args.cache)
     info = probe_installed()

