@@ -18,6 +18,16 @@ the backend switch (:func:`set_backend` or the ``ISDA_MSDA_BACKEND`` environment
 ``auto`` | ``compiled`` | ``reference``). With ``auto`` a missing extension, or a CUDA tensor with
 an extension built without CUDA, falls back to the reference with a single warning.
 
+Validation and device-to-host copies: every call checks the inputs' types, dtypes, devices and
+shapes (tensor metadata, free on any device). The checks that need the *values* of
+``spatial_shapes`` and ``level_start_index`` (non-negative sizes summing to S, starts equal to the
+exclusive cumsum) run on CPU tensors only: on the GPU they would copy to the host and synchronise
+every call. The compiled CUDA path therefore makes no device-to-host copy (checked by
+``tests/test_gpu.py``). Wrong level metadata on the GPU makes the kernels read out of bounds, so
+to debug, turn the value checks on for every device with ``ISDA_MSDA_VALIDATE=1`` or
+:func:`set_validation` (``set_validation(True)``, or ``with set_validation(True): ...``). The
+reference implementation needs the level sizes on the host anyway (one copy per call).
+
 FLOP counting: fvcore traces the custom autograd Function as the op
 ``prim::PythonOp.MSDeformAttnFunction``; register :func:`ms_deform_attn_flop_jit` for it, e.g.
 ``FlopCountAnalysis(model, inputs).set_op_handle(**flop_count_handles())``.
@@ -42,6 +52,8 @@ __all__ = [
     "ms_deform_attn_reference",
     "set_backend",
     "get_backend",
+    "set_validation",
+    "get_validation",
     "compiled_available",
     "ms_deform_attn_flop_jit",
     "flop_count_handles",
@@ -141,8 +153,42 @@ def _use_compiled(device: torch.device) -> bool:
 # --------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------
+_validate_values = os.environ.get("ISDA_MSDA_VALIDATE", "0").strip().lower() in (
+    "1", "true", "yes", "on")
+
+
+class set_validation:
+    """Check the values of ``spatial_shapes``/``level_start_index`` on every device (``True``,
+    a debug switch: a device-to-host copy per call on the GPU) or on CPU tensors only (``False``,
+    the default unless ``ISDA_MSDA_VALIDATE=1``). Shape, dtype and device checks always run.
+
+    Takes effect immediately; used as a context manager it restores the previous setting on exit.
+    """
+
+    def __init__(self, enabled: bool = True):
+        global _validate_values
+        self.previous = _validate_values
+        _validate_values = bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _validate_values
+        _validate_values = self.previous
+        return False
+
+
+def get_validation() -> bool:
+    """Whether the value checks also run on non-CPU tensors (see :class:`set_validation`)."""
+    return _validate_values
+
+
 def _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Check shapes, dtypes and devices; raise ValueError naming the offending argument."""
+    """Check shapes, dtypes and devices; raise ValueError naming the offending argument.
+
+    The level metadata's values are checked on CPU tensors, elsewhere only when
+    :func:`get_validation` is on (they would need a device-to-host copy)."""
     named = {
         "value": value,
         "spatial_shapes": spatial_shapes,
@@ -183,6 +229,8 @@ def _validate(value, spatial_shapes, level_start_index, sampling_locations, atte
     if attention_weights.shape != (n, lq, m, l, p):
         raise ValueError(f"attention_weights must be [N, Lq, M, L, P] = {[n, lq, m, l, p]}, got "
                          f"shape {tuple(attention_weights.shape)}")
+    if value.device.type != "cpu" and not _validate_values:
+        return
     shapes = spatial_shapes.detach().cpu().to(torch.int64)
     if (shapes < 0).any():
         raise ValueError(f"spatial_shapes must be non-negative, got {shapes.tolist()}")
