@@ -130,3 +130,88 @@ def test_windowed_resize_matches_full_interpolation():
         assert torch.allclose(inst.scores, scores)
         diff = (inst.pred_masks != ref).sum().item()
         assert diff <= 2, diff  # float rounding of sample positions exactly at the threshold
+
+
+def _probs64(cls, masks, image_size, output_size, stride=4, topk=40):
+    """The reference recipe's mask probabilities in float64, in output order: [T, H, W]."""
+    scores, idx = cls.sigmoid().flatten().topk(topk)
+    probs = masks[idx // cls.shape[1]].sigmoid()
+    b = probs > 0.5
+    final = scores * (probs * b).sum((1, 2)) / b.sum((1, 2)).clamp(min=1)
+    up = torch.nn.functional.interpolate(probs[:, None].double(), scale_factor=stride,
+                                         mode="bilinear", align_corners=False)
+    up = up[:, :, :image_size[0], :image_size[1]]
+    up = torch.nn.functional.interpolate(up, size=output_size, mode="bilinear", align_corners=False)
+    return up[final.argsort(descending=True), 0]
+
+
+@pytest.mark.parametrize("image_size,output_size,chunk_pixels", [
+    ((61, 77), (183, 100), 1 << 25),   # upscale, one chunk
+    ((64, 80), (50, 41), 1 << 25),     # downscale
+    ((57, 80), (57, 80), 1 << 25),     # identity (no resize)
+    ((61, 77), (300, 420), 20000),     # several chunks, masks spanning most of the output
+])
+def test_gpu_style_paths_give_the_cpu_masks(image_size, output_size, chunk_pixels):
+    """The GPU branch (natural layout, one batched resize per chunk) forced on CPU tensors gives
+    the scores, classes, masks and boxes of the CPU branch (channels-last, per-mask resize).
+    The two layouts' bilinear kernels round differently (1 ulp), so a pixel may flip only where
+    the exact probability is within float rounding of the threshold."""
+    flipped = 0
+    for seed in range(3):
+        cls, masks = _random_outputs(q=30, k=3, h=16, w=20, seed=10 + seed)
+        masks = masks - 2 * seed  # dense to sparse masks, some empty
+        kw = dict(image_size=image_size, output_size=output_size, topk=40,
+                  chunk_pixels=chunk_pixels)
+        cpu = isda_postprocess(cls, masks, cpu_paths=True, **kw)
+        gpu = isda_postprocess(cls, masks, cpu_paths=False, **kw)
+        assert torch.equal(gpu.scores, cpu.scores) and torch.equal(gpu.pred_classes, cpu.pred_classes)
+        assert cpu.pred_masks.any() or seed > 0
+        diff = gpu.pred_masks != cpu.pred_masks
+        exact = _probs64(cls, masks, image_size, output_size)
+        assert ((exact[diff] - 0.5).abs() < 1e-6).all(), seed
+        flipped += int(diff.sum())
+        for m, b_gpu, b_cpu in zip(gpu.pred_masks, gpu.pred_boxes.tensor, cpu.pred_boxes.tensor):
+            if not m.any():
+                assert (b_gpu == 0).all()
+                continue
+            ys, xs = torch.nonzero(m, as_tuple=True)  # tight around the GPU-branch mask
+            assert b_gpu.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1,
+                                      ys.max().item() + 1]
+            assert (b_gpu - b_cpu).abs().max() <= 1
+    assert flipped <= 10
+
+
+def test_batched_resize_equals_per_mask_resize():
+    """Same input layout: the batched window resize of the GPU branch is bit-identical to the
+    per-mask windowed resize of the CPU branch (the grid of an output pixel does not depend on
+    the window it is evaluated in)."""
+    from isda.modeling.postprocess import _resize_chunk, _resize_window
+
+    g = torch.Generator().manual_seed(3)
+    up = (torch.randn(9, 40, 52, generator=g) * 3 - 2).sigmoid()
+    up[4] = 0.1  # nothing above the threshold
+    origin, full, size = (8, 12), (70, 90), (173, 151)
+    masks = torch.zeros(9, *size, dtype=torch.bool)
+    boxes = torch.zeros(9, 4)
+    _resize_chunk(up, size, 0.5, origin, full, masks, boxes, max_pixels=5000)  # several calls
+    for j in range(9):
+        window = _resize_window(up[j], size, 0.5, origin, full)
+        ref = torch.zeros(size, dtype=torch.bool)
+        if window is not None:
+            (wy, wx), win = window
+            ref[wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
+        assert torch.equal(masks[j], ref), j
+        assert torch.equal(boxes[j], masks_to_boxes(ref[None])[0]), j
+    assert not masks[4].any() and masks.any()
+
+
+def test_default_path_follows_the_device():
+    from isda.modeling.postprocess import prefers_channels_last
+
+    assert prefers_channels_last("cpu") and prefers_channels_last(torch.device("cpu"))
+    assert not prefers_channels_last("cuda") and not prefers_channels_last("cuda:1")
+    # on CPU tensors the default (None) is the CPU branch, bit for bit
+    cls, masks = _random_outputs(q=12, seed=4)
+    a = isda_postprocess(cls, masks, (61, 77), (183, 100), topk=15)
+    b = isda_postprocess(cls, masks, (61, 77), (183, 100), topk=15, cpu_paths=True)
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.scores, b.scores)

@@ -16,7 +16,7 @@ from .heads import ISDAHeads, predict_masks
 from .mask_feature_head import MaskFeatureHead
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import instances_from_topk, select_topk
+from .postprocess import instances_from_topk, prefers_channels_last, select_topk
 
 SIZE_DIVISIBILITY = 32
 
@@ -124,9 +124,12 @@ class ISDA(nn.Module):
     def neck(self, images, pad_mask):
         """-> dicts stride -> P_l [N, C, H_l, W_l] (P2..P6; P3..P6 at mask stride 8) and
         stride -> padding mask [N, H_l, W_l]."""
-        # channels-last: the CPU (oneDNN) convolutions of the backbone, mapper and mask head run
-        # about 1.5x faster, and flattening a channels-last map to tokens is a free view
-        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        # channels-last on the CPU: the oneDNN convolutions of the backbone, mapper and mask head
+        # run about 1.5x faster, and flattening a channels-last map to tokens is a free view.
+        # CUDA keeps the natural layout (prefers_channels_last)
+        if prefers_channels_last(images.device):
+            images = images.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(images)
         maps = self.mapper([feats[f] for f in self.in_features])
         strides = [4, 8, 16, 32, 64][-len(maps):]
         masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]

@@ -1,10 +1,24 @@
-"""NMS-free inference: top-k (query, class) pairs -> scored binary masks at the original size."""
+"""NMS-free inference: top-k (query, class) pairs -> scored binary masks at the original size.
+
+Two code paths with the same results, chosen by device (:func:`prefers_channels_last`): on the
+CPU, channels-last upsampling and a per-mask windowed resize; on the GPU, the natural layout
+and one batched resize per chunk of masks (no per-mask Python loop, no per-mask host syncs).
+"""
 import math
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
 
 from detectron2.structures import Boxes, Instances
+
+
+def prefers_channels_last(device) -> bool:
+    """Whether ISDA's CPU-tuned layouts and loops apply on ``device``: channels-last images for
+    the backbone (oneDNN convolutions) and for the mask upsampling (vectorised over the masks),
+    and the per-mask windowed resize in post-processing. True on the CPU only; CUDA uses the
+    natural (contiguous NCHW) layout and batched kernels."""
+    return torch.device(device).type == "cpu"
 
 
 def masks_to_boxes(masks):
@@ -39,15 +53,16 @@ def select_topk(cls_logits, topk=100):
 
 @torch.no_grad()
 def isda_postprocess(cls_logits, mask_logits, image_size, output_size, mask_stride=4, topk=100,
-                     mask_threshold=0.5, chunk_pixels=1 << 25):
+                     mask_threshold=0.5, chunk_pixels=1 << 25, cpu_paths=None):
     """One image's predictions -> :class:`Instances` at ``output_size``.
 
     cls_logits: [Q, K]; mask_logits: [Q, h, w] on the padded mask grid (stride ``mask_stride``);
     image_size: (H_in, W_in) unpadded network input; output_size: (H, W) original image.
+    ``cpu_paths``: see :func:`instances_from_topk`.
     """
     cls_scores, query_idx, classes = select_topk(cls_logits, topk)
     return instances_from_topk(cls_scores, classes, mask_logits[query_idx], image_size,
-                               output_size, mask_stride, mask_threshold, chunk_pixels)
+                               output_size, mask_stride, mask_threshold, chunk_pixels, cpu_paths)
 
 
 def _span(any_mask, margin, n):
@@ -61,19 +76,27 @@ def _span(any_mask, margin, n):
 
 @torch.no_grad()
 def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_size, mask_stride=4,
-                        mask_threshold=0.5, chunk_pixels=1 << 25):
+                        mask_threshold=0.5, chunk_pixels=1 << 25,
+                        cpu_paths: Optional[bool] = None):
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
     Masks are processed in chunks of at most ``min(chunk_pixels, 2**23)`` upsampled pixels. Each chunk is
-    upsampled by ``mask_stride`` (one channels-last bilinear call, vectorised over the masks)
+    upsampled by ``mask_stride`` (one bilinear call, vectorised over the masks)
     only on the window around its pixels above the threshold: bilinear values never exceed
     their source pixels, and with an integer factor the window's values are bit-identical to
     those of the full upsampling. The resize to the original size is skipped when it is the
-    input size (a same-size bilinear resize is the identity), else it is evaluated per mask on
-    the window where the result can exceed the threshold. Memory beyond the returned boolean
+    input size (a same-size bilinear resize is the identity), else it is evaluated on the
+    window where the result can exceed the threshold. Memory beyond the returned boolean
     masks is one chunk.
+
+    ``cpu_paths`` (default: :func:`prefers_channels_last` of the masks' device): True upsamples
+    a channels-last chunk and resizes mask by mask on each mask's own window (fastest on the
+    CPU); False keeps the natural layout and resizes the whole chunk in one batched call on the
+    union of the masks' windows (fastest on the GPU). Both give the same masks.
     """
+    if cpu_paths is None:
+        cpu_paths = prefers_channels_last(mask_logits.device)
     probs = mask_logits.float().sigmoid()  # [T, h, w]
     binary = probs > mask_threshold
     mask_scores = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
@@ -104,7 +127,9 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
         y1, x1 = min((rb + 1) * s, h_in), min((cb + 1) * s, w_in)
         if y1 <= y0 or x1 <= x0:  # only padding
             continue
-        crop = probs[None, c0:c1, ra:rb + 1, ca:cb + 1].contiguous(memory_format=torch.channels_last)
+        crop = probs[None, c0:c1, ra:rb + 1, ca:cb + 1]
+        if cpu_paths:
+            crop = crop.contiguous(memory_format=torch.channels_last)
         up = F.interpolate(crop, size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
                            align_corners=False)[0, :, :y1 - y0, :x1 - x0]
         if identity:
@@ -115,6 +140,10 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
             b[:, [0, 2]] += x0
             b[:, [1, 3]] += y0
             boxes[c0:c1] = torch.where(nonempty[:, None], b, boxes[c0:c1])
+            continue
+        if not cpu_paths:
+            _resize_chunk(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
+                          out_masks[c0:c1], boxes[c0:c1])
             continue
         for j in range(c1 - c0):
             window = _resize_window(up[j], (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in))
@@ -134,6 +163,37 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     return result
 
 
+def _output_window(rows, cols, size, origin, full_size):
+    """Output window (y0, y1, x0, x1), inclusive, whose bilinear resize to ``size`` can exceed
+    the threshold, given the window-relative indices ``rows``/``cols`` (1-d, sorted, non-empty)
+    of the source pixels above it, for a window at ``origin`` of a ``full_size`` map."""
+    (oy, ox), (h, w), (out_h, out_w) = origin, full_size, size
+
+    def span(lo, hi, scale, n_out):
+        # output i samples source (i + 0.5) * scale - 0.5 between floor() and floor() + 1
+        a = int(math.floor((lo - 1 + 0.5) / scale - 0.5)) - 1
+        b = int(math.ceil((hi + 1 + 0.5) / scale - 0.5)) + 1
+        return max(a, 0), min(b, n_out - 1)
+
+    y0, y1 = span(oy + int(rows[0]), oy + int(rows[-1]), h / out_h, out_h)
+    x0, x1 = span(ox + int(cols[0]), ox + int(cols[-1]), w / out_w, out_w)
+    return y0, y1, x0, x1
+
+
+def _window_grid(window, size, origin, full_size, source_shape, device):
+    """grid_sample grid [wy, wx, 2] of the output pixels in ``window`` (y0, y1, x0, x1), for a
+    source window of ``source_shape`` (hh, ww) at ``origin`` of a ``full_size`` map resized to
+    ``size``. Each output pixel's grid value depends only on its own index (same bits whatever
+    the window)."""
+    y0, y1, x0, x1 = window
+    (oy, ox), (h, w), (out_h, out_w), (hh, ww) = origin, full_size, size, source_shape
+    # source pixel coordinate of each output pixel, shifted into the window, normalised to it
+    py = (torch.arange(y0, y1 + 1, device=device, dtype=torch.float64) + 0.5) * (h / out_h) - 0.5 - oy
+    px = (torch.arange(x0, x1 + 1, device=device, dtype=torch.float64) + 0.5) * (w / out_w) - 0.5 - ox
+    gy, gx = (2 * py + 1) / hh - 1, (2 * px + 1) / ww - 1
+    return torch.stack(torch.meshgrid(gx.float(), gy.float(), indexing="xy"), -1)
+
+
 def _resize_window(prob, size, threshold, origin=(0, 0), full_size=None):
     """``F.interpolate(full, size, "bilinear") > threshold`` evaluated only on the window of the
     output that can exceed ``threshold`` (bilinear values never exceed their 4 source pixels).
@@ -142,35 +202,49 @@ def _resize_window(prob, size, threshold, origin=(0, 0), full_size=None):
     exact within one pixel of its values above ``threshold`` ->
     None if nothing exceeds it, else ((y0, x0), bool window of the output).
     """
-    oy, ox = origin
-    h, w = full_size if full_size is not None else prob.shape
+    full_size = tuple(full_size) if full_size is not None else tuple(prob.shape)
     out_h, out_w = size
     above = prob > threshold
     rows = torch.nonzero(above.any(1)).flatten()
     if rows.numel() == 0:
         return None
     cols = torch.nonzero(above.any(0)).flatten()
-    sy, sx = h / out_h, w / out_w
-
-    def span(lo, hi, scale, n_out):
-        # output i samples source (i + 0.5) * scale - 0.5 between floor() and floor() + 1
-        a = int(math.floor((lo - 1 + 0.5) / scale - 0.5)) - 1
-        b = int(math.ceil((hi + 1 + 0.5) / scale - 0.5)) + 1
-        return max(a, 0), min(b, n_out - 1)
-
-    y0, y1 = span(oy + int(rows[0]), oy + int(rows[-1]), sy, out_h)
-    x0, x1 = span(ox + int(cols[0]), ox + int(cols[-1]), sx, out_w)
-    whole = prob.shape == (h, w)
+    y0, y1, x0, x1 = _output_window(rows, cols, size, origin, full_size)
+    whole = tuple(prob.shape) == full_size
     if whole and (y1 - y0 + 1) * (x1 - x0 + 1) > out_h * out_w // 2:  # plain resize is faster
         full = F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)
         return (0, 0), full[0, 0] > threshold
-    dev = prob.device
-    hh, ww = prob.shape
-    # source pixel coordinate of each output pixel, shifted into the window, normalised to it
-    py = (torch.arange(y0, y1 + 1, device=dev, dtype=torch.float64) + 0.5) * sy - 0.5 - oy
-    px = (torch.arange(x0, x1 + 1, device=dev, dtype=torch.float64) + 0.5) * sx - 0.5 - ox
-    gy, gx = (2 * py + 1) / hh - 1, (2 * px + 1) / ww - 1
-    grid = torch.stack(torch.meshgrid(gx.float(), gy.float(), indexing="xy"), -1)  # [hh, ww, 2]
+    grid = _window_grid((y0, y1, x0, x1), size, origin, full_size, prob.shape, prob.device)
     win = F.grid_sample(prob[None, None], grid[None], mode="bilinear", padding_mode="border",
                         align_corners=False)[0, 0]
     return (y0, x0), win > threshold
+
+
+def _resize_chunk(up, size, threshold, origin, full_size, out_masks, boxes,
+                  max_pixels=1 << 23):
+    """The per-mask :func:`_resize_window` loop as batched calls (the GPU path): one output
+    window, the union of the masks' windows, resampled for all masks of ``up`` at once.
+
+    up: [T, hh, ww] windows at ``origin`` of ``full_size`` maps; writes the thresholded windows
+    into ``out_masks`` [T, H, W] and their tight boxes into ``boxes`` [T, 4] (in place; masks
+    and boxes of masks with nothing above the threshold stay empty/zero). At most
+    ``max_pixels`` output window pixels are resampled per call.
+    """
+    above = up > threshold
+    rows = torch.nonzero(above.any(2).any(0)).flatten()
+    if rows.numel() == 0:
+        return
+    cols = torch.nonzero(above.any(1).any(0)).flatten()
+    y0, y1, x0, x1 = _output_window(rows, cols, size, origin, full_size)
+    grid = _window_grid((y0, y1, x0, x1), size, origin, full_size, up.shape[-2:], up.device)
+    step = max(1, max_pixels // (grid.shape[0] * grid.shape[1]))
+    for a in range(0, up.shape[0], step):
+        b = min(a + step, up.shape[0])
+        win = F.grid_sample(up[a:b, None], grid[None].expand(b - a, -1, -1, -1), mode="bilinear",
+                            padding_mode="border", align_corners=False)[:, 0] > threshold
+        out_masks[a:b, y0:y1 + 1, x0:x1 + 1] = win
+        bx = masks_to_boxes(win)  # zero boxes for empty masks
+        nonempty = bx[:, 2] > 0
+        bx[:, [0, 2]] += x0
+        bx[:, [1, 3]] += y0
+        boxes[a:b] = torch.where(nonempty[:, None], bx, boxes[a:b])
