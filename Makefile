@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export ISDA_VENV := $(VENV)
 
-.PHONY: setup test main cuda-check
+.PHONY: setup test main cuda-check gpu-check
 setup:
 	@bash tools/setup/setup.sh
 
@@ -17,3 +17,7 @@ main: setup
 
 cuda-check: setup
 	@bash tools/setup/cuda_compile_check.sh
+
+# On a GPU machine: the CUDA kernels and the tiny model on the GPU (docs/gpu.md); skips without CUDA.
+gpu-check: setup
+	@bash tools/gpu_check.sh
