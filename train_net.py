@@ -77,14 +77,16 @@ class Trainer(DefaultTrainer):
         return ret
 
     def state_dict(self):
-        # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer):
-        # stored under "_trainer" as later Detectron2 versions do
+        # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer); later
+        # Detectron2 versions store it under "_trainer", as done here on both
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # TrainerBase's part (iteration, hooks) directly: DefaultTrainer's own version after
+        # v0.6 requires "_trainer", which checkpoints of older ISDA versions do not hold
+        TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

@@ -251,6 +251,19 @@ class ISDACheckpointer(DetectionCheckpointer):
     running pickled code and saves atomically. Use it wherever Detectron2 uses
     ``DetectionCheckpointer`` (training, evaluation, :class:`isda.predictor.ISDAPredictor`)."""
 
+    def load(self, path, *args, **kwargs):
+        """Detectron2's ``load``; a file that fails to load leaves the checkpointer usable.
+
+        Detectron2 after v0.6 keeps the URL being loaded in ``_parsed_url_during_load`` and
+        asserts it is unset on entry, but does not reset it when loading raises: without the
+        reset here, trying an earlier checkpoint after a corrupt one fails with AssertionError."""
+        try:
+            return super().load(path, *args, **kwargs)
+        except BaseException:
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
+            raise
+
     def _load_file(self, filename):
         if filename.endswith(".pyth"):
             raise CheckpointError(f"'{filename}': pycls .pyth checkpoints are not supported")

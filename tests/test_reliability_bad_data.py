@@ -223,3 +223,16 @@ def test_4000x6000_image_train_step_and_inference(huge):
         res = model([mapper(64, is_train=False, max_size=96)(huge)])[0]["instances"]
     assert res.image_size == (4000, 6000)
     assert len(res) <= 5 and tuple(res.pred_masks.shape[1:]) == (4000, 6000)
+
+
+@pytest.mark.parametrize("scale", [1e9, 3e7, -5.0])
+def test_polygon_far_outside_the_image_is_refused_before_rasterising(voc, scale):
+    """Coordinates 1e9 used to crash the process (segfault in rasterisation) and 3e7 to take
+    4.6 GB; any polygon beyond one image size around the image is a data error naming the file
+    and annotation, under both bad-sample policies (BadSampleError is what ``skip`` skips)."""
+    rec, _ = voc
+    good = rec["annotations"][0]
+    far = [[v * scale for v in p] for p in good["segmentation"]]
+    with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 has polygon "
+                                             r"coordinates outside the frame"):
+        at_native_size(rec)(dict(rec, annotations=[good, dict(good, segmentation=far)]))

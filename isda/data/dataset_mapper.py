@@ -88,6 +88,28 @@ def _clean_polygons(seg, where: str, ann_name="annotation"):
     return kept
 
 
+def _check_segmentation_frame(seg, where: str, ann_name: str, image_hw) -> None:
+    """Before any transform: polygon coordinates lie within one image size around the image
+    (a polygon far outside it is a unit or coordinate-system error, and rasterising it could take
+    unbounded memory), RLE and bit masks have the image's size."""
+    h, w = image_hw
+    if isinstance(seg, list):
+        for p in seg:
+            xy = np.asarray(p, dtype=np.float64).reshape(-1)
+            xs, ys = xy[0::2], xy[1::2]
+            if xs.size and (xs.min() < -w or xs.max() > 2 * w or ys.min() < -h or ys.max() > 2 * h):
+                raise BadSampleError(
+                    f"{where}: {ann_name} has polygon coordinates outside the frame "
+                    f"x in [{-w}, {2 * w}], y in [{-h}, {2 * h}] around the {w}x{h} image "
+                    f"(x {xs.min():.4g}..{xs.max():.4g}, y {ys.min():.4g}..{ys.max():.4g})")
+    elif isinstance(seg, dict):
+        size = seg.get("size")
+        if size is None or len(size) != 2 or tuple(int(v) for v in size) != (h, w):
+            raise BadSampleError(f"{where}: {ann_name}: RLE size {size} != image size {[h, w]}")
+    elif isinstance(seg, np.ndarray) and seg.shape[:2] != (h, w):
+        raise BadSampleError(f"{where}: {ann_name}: mask shape {seg.shape} != image size {(h, w)}")
+
+
 def _check_category(ann: dict, where: str, num_classes: Optional[int]) -> int:
     if "category_id" not in ann:
         raise BadSampleError(f"{where}: {_ann_name(ann)} has no 'category_id'")
@@ -171,6 +193,7 @@ class ISDADatasetMapper:
         except utils.SizeMismatchError as e:
             raise BadSampleError(f"{file_name}: {e}") from e
 
+        source_hw = image.shape[:2]
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -191,6 +214,8 @@ class ISDADatasetMapper:
                                                       _ann_name(obj))
                 if not obj["segmentation"]:
                     continue
+            _check_segmentation_frame(obj.get("segmentation"), file_name, _ann_name(obj),
+                                      source_hw)
             try:
                 annos.append(utils.transform_instance_annotations(obj, transforms, image_shape))
             except ANNOTATION_DATA_ERRORS as e:
