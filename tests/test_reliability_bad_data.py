@@ -3,6 +3,7 @@ an independent reference built here with PIL / numpy / pycocotools) or raises Ba
 naming the file and the annotation."""
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -236,3 +237,60 @@ def test_polygon_far_outside_the_image_is_refused_before_rasterising(voc, scale)
     with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 has polygon "
                                              r"coordinates outside the frame"):
         at_native_size(rec)(dict(rec, annotations=[good, dict(good, segmentation=far)]))
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 40), (40, 3)])
+def test_degenerate_image_is_a_bad_sample(tmp_path, h, w):
+    """A 1x1 image used to fail inside the augmentation with numpy's "At least one stride ... is
+    negative" (a ValueError that ``skip`` could not skip); now a BadSampleError naming it."""
+    path = tmp_path / f"tiny_{h}x{w}.png"
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(path)
+    rec = {"file_name": str(path), "height": h, "width": w, "image_id": 1, "annotations": [
+        {"segmentation": [[0, 0, w, 0, w, h, 0, h]], "category_id": 0, "iscrowd": 0,
+         "bbox": [0, 0, w, h], "bbox_mode": BoxMode.XYWH_ABS}]}
+    cfg = get_cfg()
+    add_isda_config(cfg)
+    cfg.INPUT.RANDOM_FLIP = "both"
+    for is_train in (True, False):
+        with pytest.raises(BadSampleError, match=rf"tiny_{h}x{w}\.png: the image is {w}x{h} px"):
+            ISDADatasetMapper(cfg, is_train=is_train)(copy.deepcopy(rec))
+
+
+def _register_json(tmp_path, name, text):
+    from detectron2.data import MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    json_file = tmp_path / f"{name}.json"
+    json_file.write_text(text)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    register_coco_instances(name, {}, str(json_file), str(tmp_path))
+    return json_file
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("not_json", r"it is not valid JSON: Expecting value at line 1, column 1"),
+    ("no_height", r"image #1 \(id 8\) lacks 'height'"),
+    ("no_images", r"it has no 'images' list"),
+])
+def test_unloadable_dataset_json_names_dataset_file_and_field(tmp_path, case, expected):
+    """A JSON that is not JSON, or an image without ``height``, used to stop training with a bare
+    ``JSONDecodeError`` / ``KeyError: 'height'``; the error now names the dataset, the file and
+    what is wrong in it."""
+    from isda.data.catalog import DatasetLoadError, dataset_dicts
+
+    good = {"id": 7, "file_name": "a.jpg", "height": 10, "width": 12}
+    texts = {
+        "not_json": "this is not json {",
+        "no_height": json.dumps({"images": [good, {"id": 8, "file_name": "b.jpg", "width": 5}],
+                                 "annotations": [], "categories": [{"id": 1, "name": "x"}]}),
+        "no_images": json.dumps({"annotations": [], "categories": []}),
+    }
+    name = f"isda_test_bad_json_{case}"
+    json_file = _register_json(tmp_path, name, texts[case])
+    with pytest.raises(DatasetLoadError) as info:
+        dataset_dicts(["voc_sample", name])
+    message = str(info.value)
+    assert message.startswith(f"dataset '{name}' ({json_file}): ")
+    assert re.search(expected, message), message

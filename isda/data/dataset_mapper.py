@@ -52,6 +52,9 @@ def _shapely_errors() -> tuple:
 #: coordinates, geometry the polygon crop rejects). Anything else - a missing module, a
 #: programming error, running out of memory - is not the sample's fault: it propagates whatever
 #: ``INPUT.BAD_SAMPLE_POLICY`` says, so ``skip`` cannot silently drop good data.
+#: Smallest image side accepted (a 1-pixel image is degenerate: flips of it even break numpy's
+#: contiguity checks inside the augmentation).
+MIN_IMAGE_SIDE = 4
 IMAGE_DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 ANNOTATION_DATA_ERRORS = (ValueError, IndexError, OverflowError) + _shapely_errors()
 
@@ -192,6 +195,9 @@ class ISDADatasetMapper:
             utils.check_image_size(dataset_dict, image)
         except utils.SizeMismatchError as e:
             raise BadSampleError(f"{file_name}: {e}") from e
+        if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+            raise BadSampleError(f"{file_name}: the image is {image.shape[1]}x{image.shape[0]} "
+                                 f"px; images need at least {MIN_IMAGE_SIDE} px on each side")
 
         source_hw = image.shape[:2]
         aug_input = T.AugInput(image)

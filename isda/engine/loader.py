@@ -16,11 +16,12 @@ from typing import List
 
 import numpy as np
 import torch
-from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data import DatasetFromList
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, Dataset
 
+from isda.data.catalog import dataset_dicts
 from isda.data.dataset_mapper import BadSampleError
 
 from .sampler import ResumableBatchSampler
@@ -124,7 +125,7 @@ def build_resumable_train_loader(cfg, mapper) -> ResumableTrainLoader:
         raise NotImplementedError(
             f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN}: ISDA's resumable loader "
             "supports TrainingSampler only")
-    dicts = get_detection_dataset_dicts(
+    dicts = dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     world_size = comm.get_world_size()
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
