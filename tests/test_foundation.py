@@ -2,6 +2,7 @@
 (Mask R-CNN trains and infers on the CPU), COCOEvaluator on real data, and the nuclei conversion."""
 import copy
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -191,3 +192,19 @@ def test_prepare_rebuilds_corrupt_file(tmp_path, monkeypatch):
     prepare.prepare("nuclei")
     assert victim.read_bytes() == good
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".nuclei-")]
+
+
+def test_embedded_datasets_ignore_detectron2_datasets(tmp_path):
+    """Setting DETECTRON2_DATASETS (Detectron2's COCO location, which most users have) used to
+    move where the embedded datasets were looked for: FileNotFoundError for nuclei_val."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ISDA_DATASETS"}
+    env["DETECTRON2_DATASETS"] = str(tmp_path)
+    code = ("import isda; from detectron2.data import DatasetCatalog; "
+            "print(len(DatasetCatalog.get('nuclei_val')), len(DatasetCatalog.get('voc_sample')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["4", "3"]
