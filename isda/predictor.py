@@ -82,10 +82,15 @@ class ISDAPredictor(DefaultPredictor):
         self.model.eval()
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        if not cfg.MODEL.WEIGHTS:
+        # strict loading (missing / unexpected / mis-shaped parameters, or no weights, raise)
+        # unless MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS; see isda/checkpoint.py
+        allow_partial = bool(cfg.MODEL.ISDA.get("ALLOW_PARTIAL_WEIGHTS", False))
+        # (the keyword only when set: strict is the checkpointer's default)
+        options = {"allow_partial": True} if allow_partial else {}
+        ISDACheckpointer(self.model, **options).load(cfg.MODEL.WEIGHTS)
+        if not cfg.MODEL.WEIGHTS:  # accepted by the checkpointer: say it
             logger.warning("MODEL.WEIGHTS is empty: ISDAPredictor runs a randomly initialised "
                            "model")
-        ISDACheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.aug = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT

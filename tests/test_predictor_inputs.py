@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
 from isda import add_isda_config
 from isda.predictor import ISDAPredictor
@@ -18,28 +19,37 @@ CONFIG = os.path.join(ROOT, "configs", "nuclei", "isda_R18_tiny.yaml")
 MIN_SIZE, MAX_SIZE = 128, 192
 
 
-def _predictor(min_size):
+def _cfg(min_size, weights=""):
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(CONFIG)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.ISDA.TEST.TOPK", "5",
                          "INPUT.MIN_SIZE_TEST", str(min_size), "INPUT.MAX_SIZE_TEST",
-                         str(MAX_SIZE)])
-    cfg.freeze()
+                         str(MAX_SIZE), "MODEL.WEIGHTS", weights])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The tiny model's random initialisation (seed 0) saved as a complete checkpoint (the
+    predictor loads its weights strictly)."""
     torch.manual_seed(0)
-    return ISDAPredictor(cfg)
+    model = build_model(_cfg(0))
+    path = str(tmp_path_factory.mktemp("weights") / "random_init.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
-def resizing():
+def resizing(weights):
     """Resizes the short side to 128, long side at most 192 (as Detectron2 configs do)."""
-    return _predictor(MIN_SIZE)
+    return ISDAPredictor(_cfg(MIN_SIZE, weights))
 
 
 @pytest.fixture(scope="module")
-def native():
+def native(weights):
     """MIN_SIZE_TEST 0: the image goes to the network at its own size."""
-    return _predictor(0)
+    return ISDAPredictor(_cfg(0, weights))
 
 
 def _image(h, w, seed=0):
