@@ -6,10 +6,11 @@
         --opts MODEL.WEIGHTS release/isda_R18_nuclei-xxxxxxxx.safetensors
 
 ``--input`` takes image files, folders (their images, sorted) and glob patterns (quote them);
-``--video-input`` one video file, written with the mp4v codec. ``--output`` is a file for a
-single image or video, otherwise a folder (created as needed). Class names come from the
-metadata of ``DATASETS.TEST[0]``; ``MODEL.DEVICE`` selects the device (``--opts MODEL.DEVICE
-cpu``).
+``--video-input`` one video file, written with the mp4v codec. Where the drawings go is
+described in ``--help`` (``OUTPUT_RULES`` below): nothing is ever written over an input and two
+inputs never share an output; every conflict is refused before anything is written. Class names
+come from the metadata of ``DATASETS.TEST[0]``; ``MODEL.DEVICE`` selects the device (``--opts
+MODEL.DEVICE cpu``). An empty ``MODEL.WEIGHTS`` is refused unless ``--allow-random-weights``.
 """
 import argparse
 import glob
@@ -27,41 +28,84 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
 from isda import add_isda_config  # noqa: E402
+from isda.checkpoint import CheckpointError  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSION = ".mp4"
+
+OUTPUT_RULES = f"""\
+where the drawings go:
+  no --output        nothing is saved (one warning says so); the counts are still logged.
+  --output FOLDER    FOLDER is an existing folder, ends with '/' or has no extension
+                     ('--output vis' is the folder vis/, created as needed). Each image keeps
+                     its path relative to the common parent folder of all the inputs:
+                     x/img.png and y/img.png -> FOLDER/x/img.png and FOLDER/y/img.png; one
+                     image, or the images of one folder -> FOLDER/<file name>. A video
+                     clip.avi -> FOLDER/clip.avi{VIDEO_EXTENSION} (its whole file name plus
+                     {VIDEO_EXTENSION}, so clip.mp4 and clip.avi give different names).
+  --output FILE.png  for a single image input; the extension (one of
+                     {' '.join(IMAGE_EXTENSIONS)}) sets the format. With several
+                     inputs it is an error (give a folder).
+  --output FILE{VIDEO_EXTENSION}  for --video-input (MP4 container, mp4v codec).
+  Any other extension (e.g. 'out.txt') is an error; end a folder name with '/' to use it.
+Images are written in the format of their file extension; an input whose extension is not
+one of the above gets '.png' appended. An image given twice (e.g. by a folder and a pattern) is
+processed once. An output path that is an input file, two inputs with the same output, or an
+output path that is an existing folder is refused before anything is written (exit status 2,
+the file named). Existing files that are not inputs are replaced.
+Log: one line per input, '<input> -> <output> (<seconds>s): N instances' ('<input> (not saved,
+<seconds>s): N instances' without --output); N = instances with a score >=
+--confidence-threshold, i.e. the ones drawn; a video ends with 'F frames, N instances' (N summed
+over the frames).
+MODEL.WEIGHTS must name the weights; if it is empty the demo refuses to run (the drawings of a
+random model mean nothing) unless --allow-random-weights is given.
+"""
+
+
+class DemoError(Exception):
+    """A refused command line (printed as 'error: ...', exit status 2)."""
 
 
 def setup_cfg(args):
-    """Config from ``--config-file`` + ``--opts`` (ISDA keys added)."""
+    """Config from ``--config-file`` + ``--opts`` (ISDA keys added). ``--allow-random-weights``
+    with an empty ``MODEL.WEIGHTS`` lets the (strict) checkpointer run without weights."""
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if getattr(args, "allow_random_weights", False) and not cfg.MODEL.WEIGHTS \
+            and "ALLOW_PARTIAL_WEIGHTS" in cfg.MODEL.ISDA:
+        cfg.MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS = True
     cfg.freeze()
     return cfg
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="ISDA demo (Detectron2)")
+    parser = argparse.ArgumentParser(description="ISDA demo (Detectron2)", epilog=OUTPUT_RULES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
     parser.add_argument("--input", nargs="+", help="images, folders or glob patterns")
     parser.add_argument("--video-input", metavar="FILE", help="a video file")
-    parser.add_argument("--output", help="output file (one image or a video) or folder")
+    parser.add_argument("--output", help="output folder, or a file for one image or a video "
+                                         "(rules below)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the instances drawn")
+    parser.add_argument("--allow-random-weights", action="store_true",
+                        help="run even though MODEL.WEIGHTS is empty (random, untrained model)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs")
     return parser
 
 
 def expand_inputs(items):
-    """Files, folders and glob patterns -> sorted list of image paths; raises
-    FileNotFoundError naming what matched nothing."""
-    paths = []
+    """Files, folders and glob patterns -> list of image paths (folders and patterns sorted; a
+    path given twice kept once); raises FileNotFoundError naming what matched nothing."""
+    paths, seen = [], set()
     for item in items:
         if os.path.isdir(item):
             found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+                           if f.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(item, f)))
             if not found:
                 raise FileNotFoundError(f"input folder '{item}' holds no image "
                                         f"({', '.join(IMAGE_EXTENSIONS)})")
@@ -73,8 +117,116 @@ def expand_inputs(items):
                 raise FileNotFoundError(f"input pattern '{item}' matches no file")
         else:
             raise FileNotFoundError(f"input '{item}' does not exist")
-        paths.extend(found)
+        for path in found:
+            key = os.path.normcase(os.path.abspath(path))
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
     return paths
+
+
+def _as_folder(output):
+    """``--output`` names a folder: an existing folder, a trailing separator or no extension."""
+    return (os.path.isdir(output) or output.endswith(("/", os.sep))
+            or not os.path.splitext(output)[1])
+
+
+def _image_name(path):
+    name = os.path.basename(path)
+    return name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".png"
+
+
+def _check_outputs(inputs, outputs):
+    """Refuse (DemoError) before anything is written: an output that is an input file (same
+    file, however spelt), two inputs with one output, an output that is a folder or lies under
+    an existing file."""
+    input_ids = {}
+    for path in inputs:
+        st = os.stat(path)
+        input_ids[(st.st_dev, st.st_ino)] = path
+    taken = {}
+    for src, out in zip(inputs, outputs):
+        key = os.path.normcase(os.path.abspath(out))
+        if key in taken:
+            raise DemoError(f"inputs '{taken[key]}' and '{src}' would both be written to "
+                            f"'{out}'; refusing (nothing was written)")
+        taken[key] = src
+        if os.path.isdir(out):
+            raise DemoError(f"the output for '{src}' would be '{out}', an existing folder")
+        if os.path.exists(out):
+            st = os.stat(out)
+            other = input_ids.get((st.st_dev, st.st_ino))
+            if other is not None:
+                raise DemoError(f"the output for '{src}' would be '{out}', which is the input "
+                                f"file '{other}'; refusing to overwrite an input (nothing was "
+                                f"written; choose another --output)")
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise DemoError(f"the output for '{src}' would be '{out}', but '{parent}' is a file, "
+                            f"not a folder")
+
+
+def plan_image_outputs(paths, output):
+    """Output path of each image of ``paths`` (None each without ``--output``), checked: see
+    ``OUTPUT_RULES``."""
+    if not output:
+        return [None] * len(paths)
+    if _as_folder(output):
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise DemoError(f"--output '{output}' has no extension, so it names a folder, but "
+                            f"it is an existing file")
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+        outs = [os.path.join(output, os.path.dirname(os.path.relpath(os.path.abspath(p), root)),
+                             _image_name(p)) for p in paths]
+    else:
+        ext = os.path.splitext(output)[1]
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            raise DemoError(f"--output '{output}': '{ext}' is not an image extension "
+                            f"({' '.join(IMAGE_EXTENSIONS)}); give an image file name, or a "
+                            f"folder (no extension, or ending with '/')")
+        if len(paths) > 1:
+            raise DemoError(f"--output '{output}' names one image file but there are "
+                            f"{len(paths)} input images; give a folder instead (no extension, "
+                            f"or ending with '/')")
+        outs = [output]
+    _check_outputs(paths, outs)
+    return outs
+
+
+def plan_video_output(path, output):
+    """Output path of the video ``path`` (None without ``--output``), checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video input '{path}' does not exist")
+    if not output:
+        return None
+    if _as_folder(output):
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise DemoError(f"--output '{output}' has no extension, so it names a folder, but "
+                            f"it is an existing file")
+        out = os.path.join(output, os.path.basename(path) + VIDEO_EXTENSION)
+    else:
+        if os.path.splitext(output)[1].lower() != VIDEO_EXTENSION:
+            raise DemoError(f"--output '{output}': a video is written as MP4 (mp4v codec); give "
+                            f"a file name ending with {VIDEO_EXTENSION}, or a folder")
+        out = output
+    _check_outputs([path], [out])
+    return out
+
+
+def check_weights(cfg, allow_random, logger):
+    """Refuse an empty MODEL.WEIGHTS unless ``allow_random``; a local file must exist."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        if not allow_random:
+            raise DemoError("MODEL.WEIGHTS is empty: the model would have random weights and draw "
+                            "meaningless instances; give the weights with --opts MODEL.WEIGHTS "
+                            "FILE, or pass --allow-random-weights to run an untrained model")
+        logger.warning("--allow-random-weights: MODEL.WEIGHTS is empty, the model has random "
+                       "weights; its drawings mean nothing")
+    elif "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"weights file '{weights}' (MODEL.WEIGHTS) does not exist")
 
 
 def _read(path, image_format):
@@ -84,79 +236,105 @@ def _read(path, image_format):
         raise OSError(f"cannot read image '{path}': {type(e).__name__}: {e}") from None
 
 
-def _output_path(output, src, many):
-    """Where to write the drawing of ``src``: inside the folder ``output`` when there are many
-    inputs or ``output`` is a folder, else ``output`` itself."""
-    if many or os.path.isdir(output) or output.endswith(os.sep):
-        os.makedirs(output, exist_ok=True)
-        return os.path.join(output, os.path.basename(src))
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    return output
+def _temporary_beside(path, suffix=""):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp{suffix}")
 
 
-def run_images(demo, paths, output, image_format, logger):
-    many = len(paths) > 1
-    for path in paths:
+def write_image(path, rgb):
+    """Encode ``rgb`` in the format of ``path``'s extension, write it beside ``path`` and
+    rename it into place (a failed write leaves no partial file)."""
+    ok, data = cv2.imencode(os.path.splitext(path)[1], rgb[:, :, ::-1])
+    if not ok:
+        raise OSError(f"could not encode '{path}'")
+    tmp = _temporary_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _where(out, seconds):
+    return f" -> {out} ({seconds:.2f}s)" if out is not None else f" (not saved, {seconds:.2f}s)"
+
+
+def run_images(demo, paths, outputs, image_format, logger):
+    for path, out in zip(paths, outputs):
         image = _read(path, image_format)
         start = time.time()
         instances, vis = demo.run_on_image(image)
-        logger.info(f"{path}: {len(instances)} instances in {time.time() - start:.2f}s")
-        if output:
-            out = _output_path(output, path, many)
-            vis.save(out)
-            if not os.path.isfile(out):
-                raise OSError(f"could not write '{out}'")
+        seconds = time.time() - start
+        if out is not None:
+            write_image(out, vis.get_image())
+        logger.info(f"{path}{_where(out, seconds)}: {len(instances)} instances")
 
 
-def run_video(demo, path, output, logger):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video input '{path}' does not exist")
+def run_video(demo, path, out, logger):
     video = cv2.VideoCapture(path)
     if not video.isOpened():
         raise OSError(f"cannot open video '{path}'")
     width = int(video.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = int(video.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
-    writer = None
-    if output:
-        out = _output_path(output, path, False)
-        if os.path.isdir(output) or output.endswith(os.sep):
-            out = os.path.splitext(out)[0] + ".mp4"
-        writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), float(fps),
-                                 (width, height), True)
-        if not writer.isOpened():
-            raise OSError(f"cannot write video '{out}' (mp4v codec)")
-    frames = 0
+    writer = tmp = None
+    frames = count = 0
+    start = time.time()
     try:
-        for frame in demo.run_on_video(video):
+        if out is not None:
+            tmp = _temporary_beside(out, VIDEO_EXTENSION)
+            writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps),
+                                     (width, height), True)
+            if not writer.isOpened():
+                raise OSError(f"cannot write video '{out}' (mp4v codec)")
+        for instances, frame in demo.run_on_video_with_instances(video):
             frames += 1
+            count += len(instances)
             if writer is not None:
                 writer.write(frame)
+        if frames == 0:
+            raise OSError(f"no frame could be decoded from '{path}'")
+        if writer is not None:
+            writer.release()
+            writer = None
+            os.replace(tmp, out)
     finally:
         video.release()
         if writer is not None:
             writer.release()
-    if frames == 0:
-        raise OSError(f"no frame could be decoded from '{path}'")
-    logger.info(f"{path}: {frames} frames" + (f" -> {out}" if output else ""))
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info(f"{path}{_where(out, time.time() - start)}: {frames} frames, {count} instances")
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     logger = setup_logger(name="isda.demo")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if bool(args.input) == bool(args.video_input):
-        get_parser().error("give either --input or --video-input")
+        parser.error("give either --input or --video-input")
     try:
-        paths = expand_inputs(args.input) if args.input else None
         cfg = setup_cfg(args)
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
-        if paths is not None:
-            run_images(demo, paths, args.output, cfg.INPUT.FORMAT, logger)
+        check_weights(cfg, args.allow_random_weights, logger)
+        if args.input:
+            paths = expand_inputs(args.input)
+            outputs = plan_image_outputs(paths, args.output)
         else:
-            run_video(demo, args.video_input, args.output, logger)
-    except (FileNotFoundError, OSError) as e:
+            output = plan_video_output(args.video_input, args.output)
+        if not args.output:
+            logger.warning("no --output given: the drawings are not saved (only the instance "
+                           "counts are logged); give --output FOLDER (or FILE) to save them")
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        if args.input:
+            run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger)
+        else:
+            run_video(demo, args.video_input, output, logger)
+    except (DemoError, FileNotFoundError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -45,8 +45,9 @@ class VisualizationDemo:
         vis = Visualizer(rgb, self.metadata, instance_mode=self.instance_mode)
         return instances, vis.draw_instance_predictions(instances)
 
-    def run_on_video(self, video):
-        """video: an opened ``cv2.VideoCapture`` -> yields drawn frames (BGR, uint8)."""
+    def run_on_video_with_instances(self, video):
+        """video: an opened ``cv2.VideoCapture`` -> yields (kept Instances, drawn frame (BGR,
+        uint8)) per frame."""
         visualizer = VideoVisualizer(self.metadata, self.instance_mode)
         while video.isOpened():
             ok, frame = video.read()
@@ -55,5 +56,10 @@ class VisualizationDemo:
             instances = self._predict(frame, "BGR")
             rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             drawn = visualizer.draw_instance_predictions(rgb, instances)
-            yield cv2.cvtColor(drawn.get_image(), cv2.COLOR_RGB2BGR)
+            yield instances, cv2.cvtColor(drawn.get_image(), cv2.COLOR_RGB2BGR)
+
+    def run_on_video(self, video):
+        """video: an opened ``cv2.VideoCapture`` -> yields drawn frames (BGR, uint8)."""
+        for _, frame in self.run_on_video_with_instances(video):
+            yield frame
 

@@ -1,7 +1,9 @@
 """demo/demo.py on voc_sample: single image, folder, glob, video, and clear input errors."""
 import glob
 import importlib.util
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -148,3 +150,229 @@ def test_missing_and_unreadable_inputs(weights, tmp_path, capsys):
     video = str(tmp_path / "nope.mp4")
     assert _run(demo, weights, "--video-input", video, "--output", str(tmp_path / "o")) == 2
     assert video in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- outputs never lose data (#12)
+def _run_with(demo, *args, weights_opts):
+    return demo.main(["--config-file", CONFIG, *args, "--confidence-threshold", "0.0",
+                      "--opts", *OPTS, *weights_opts])
+
+
+@pytest.fixture
+def demo_log():
+    """Records of the 'isda.demo' logger (Detectron2's setup_logger does not propagate)."""
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = _Keep(level=logging.DEBUG)
+    logger = logging.getLogger("isda.demo")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _small_image(path, index, size):
+    """A VOC image resized to ``size`` (w, h), saved at ``path``; returns it (BGR)."""
+    src = sorted(glob.glob(os.path.join(VOC_IMAGES, "*.jpg")))[index]
+    img = cv2.resize(cv2.imread(src), size, interpolation=cv2.INTER_AREA)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+    return img
+
+
+def _digest(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def test_output_over_an_input_is_refused(weights, tmp_path, capsys):
+    """--input a/ --output a/ overwrote the originals (exit 0); now refused, file named,
+    nothing written, under every spelling and for outputs that hit another input."""
+    demo = _load_demo()
+    a = tmp_path / "a"
+    _small_image(a / "img.png", 0, (120, 80))
+    _small_image(a / "two.jpg", 1, (120, 90))
+    _small_image(tmp_path / "img.png", 2, (120, 80))
+    before = _digest(tmp_path)
+    cases = [
+        (["--input", str(a), "--output", str(a)], str(a / "img.png")),
+        (["--input", str(a) + "/", "--output", str(a) + "/"], str(a / "img.png")),
+        (["--input", str(a / "img.png"), "--output", str(a / "img.png")], str(a / "img.png")),
+        (["--input", str(a / "img.png"), "--output", str(tmp_path / "a" / ".." / "a" / "img.png")],
+         "img.png"),
+        # the output of tmp/img.png would be a/img.png, another input
+        (["--input", str(tmp_path / "img.png"), str(a / "img.png"), "--output", str(a)],
+         str(a / "img.png")),
+    ]
+    for args, named in cases:
+        assert _run(demo, weights, *args) == 2, args
+        err = capsys.readouterr().err
+        assert "refusing to overwrite an input" in err and named in err, (args, err)
+        assert _digest(tmp_path) == before, args  # nothing written, nothing changed
+
+
+def test_same_names_in_different_folders_are_mirrored(weights, tmp_path, demo_log):
+    """x/img.png and y/img.png wrote one output; now DIR/x/img.png and DIR/y/img.png, each
+    the drawing of its own input, and one log line per input naming its output."""
+    demo = _load_demo()
+    x = _small_image(tmp_path / "in" / "x" / "img.png", 0, (120, 80))
+    y = _small_image(tmp_path / "in" / "y" / "img.png", 1, (112, 96))
+    out = tmp_path / "out"
+    # threshold 2: no instance is drawn, so each drawing is its input pixel for pixel (PNG)
+    assert demo.main(["--config-file", CONFIG, "--input", str(tmp_path / "in" / "x" / "img.png"),
+                      str(tmp_path / "in" / "y"), "--output", str(out),
+                      "--confidence-threshold", "2", "--opts", *OPTS,
+                      "MODEL.WEIGHTS", weights["pth"]]) == 0
+    assert sorted(_digest(out)) == [os.path.join("x", "img.png"), os.path.join("y", "img.png")]
+    assert np.array_equal(cv2.imread(str(out / "x" / "img.png")), x)
+    assert np.array_equal(cv2.imread(str(out / "y" / "img.png")), y)
+    lines = [r.getMessage() for r in demo_log if r.levelno == logging.INFO]
+    assert len(lines) == 2
+    for src, dst in ((tmp_path / "in" / "x" / "img.png", out / "x" / "img.png"),
+                     (tmp_path / "in" / "y" / "img.png", out / "y" / "img.png")):
+        line = [m for m in lines if m.startswith(f"{src} -> ")]
+        assert len(line) == 1 and f"-> {dst} (" in line[0], lines
+        assert line[0].endswith(": 0 instances"), line[0]
+
+
+def test_output_rules_for_one_and_several_images(weights, tmp_path, capsys, demo_log):
+    """--output noext wrote noext.png then said it could not write 'noext'; --output many.png
+    with several inputs made a folder named many.png."""
+    demo = _load_demo()
+    src = tmp_path / "in" / "img.jpg"
+    _small_image(src, 0, (120, 80))
+    _small_image(tmp_path / "in" / "b.png", 1, (120, 80))
+
+    # no image extension: a folder
+    assert _run(demo, weights, "--input", str(src), "--output", str(tmp_path / "noext")) == 0
+    assert os.listdir(tmp_path / "noext") == ["img.jpg"]
+    assert cv2.imread(str(tmp_path / "noext" / "img.jpg")).shape == (80, 120, 3)
+    assert not os.path.exists(tmp_path / "noext.png")
+    msg = [r.getMessage() for r in demo_log if r.levelno == logging.INFO]
+    assert len(msg) == 1 and f"-> {tmp_path / 'noext' / 'img.jpg'} (" in msg[0]
+    assert re.search(r": \d+ instances$", msg[0])
+    assert capsys.readouterr().err == ""
+
+    # an image extension with one input: that file, in that format
+    assert _run(demo, weights, "--input", str(src), "--output", str(tmp_path / "one.png")) == 0
+    with open(tmp_path / "one.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # several inputs and one image file: refused, nothing created
+    before = _digest(tmp_path)
+    assert _run(demo, weights, "--input", str(tmp_path / "in"),
+                "--output", str(tmp_path / "many.png")) == 2
+    err = capsys.readouterr().err
+    assert "many.png" in err and "2 input images" in err and "folder" in err
+    assert not os.path.exists(tmp_path / "many.png")
+
+    # another extension: refused
+    assert _run(demo, weights, "--input", str(src), "--output", str(tmp_path / "out.txt")) == 2
+    err = capsys.readouterr().err
+    assert "out.txt" in err and "not an image extension" in err
+    assert _digest(tmp_path) == before
+
+
+def test_no_output_warns_once_and_saves_nothing(weights, tmp_path, demo_log):
+    demo = _load_demo()
+    _small_image(tmp_path / "in" / "a.png", 0, (120, 80))
+    _small_image(tmp_path / "in" / "b.png", 1, (120, 80))
+    before = _digest(tmp_path)
+    assert _run(demo, weights, "--input", str(tmp_path / "in")) == 0
+    warnings = [r.getMessage() for r in demo_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no --output given" in warnings[0]
+    assert "not saved" in warnings[0]
+    lines = [r.getMessage() for r in demo_log if r.levelno == logging.INFO]
+    assert len(lines) == 2
+    assert all("(not saved," in m and re.search(r": 5 instances$", m) for m in lines), lines
+    assert _digest(tmp_path) == before
+
+
+def _write_video(path, fourcc, frames=2):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 5.0, (96, 64), True)
+    for i in range(frames):
+        src = sorted(glob.glob(os.path.join(VOC_IMAGES, "*.jpg")))[i]
+        writer.write(cv2.resize(cv2.imread(src), (96, 64)))
+    writer.release()
+
+
+def _frames(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_video_names_keep_the_container_extension(weights, tmp_path, capsys, demo_log):
+    """clip.mp4 and clip.avi both wrote out/clip.mp4; now out/clip.mp4.mp4 and
+    out/clip.avi.mp4."""
+    demo = _load_demo()
+    _write_video(tmp_path / "clip.mp4", "mp4v")
+    _write_video(tmp_path / "clip.avi", "MJPG")
+    out = tmp_path / "out"
+    for name in ("clip.mp4", "clip.avi"):
+        assert _run(demo, weights, "--video-input", str(tmp_path / name),
+                    "--output", str(out) + os.sep) == 0
+    assert sorted(os.listdir(out)) == ["clip.avi.mp4", "clip.mp4.mp4"]
+    assert _frames(out / "clip.mp4.mp4") == 2 and _frames(out / "clip.avi.mp4") == 2
+    lines = [r.getMessage() for r in demo_log if r.levelno == logging.INFO]
+    assert len(lines) == 2
+    assert f"-> {out / 'clip.avi.mp4'} (" in lines[1]
+    assert re.search(r": 2 frames, 10 instances$", lines[1]), lines[1]
+
+    before = _digest(tmp_path)
+    video = str(tmp_path / "clip.mp4")
+    assert _run(demo, weights, "--video-input", video, "--output", video) == 2
+    err = capsys.readouterr().err
+    assert "refusing to overwrite an input" in err and video in err
+    assert _run(demo, weights, "--video-input", video, "--output", str(tmp_path / "v.png")) == 2
+    assert "v.png" in capsys.readouterr().err
+    assert _digest(tmp_path) == before
+
+
+def test_empty_weights_are_refused_unless_allowed(tmp_path, capsys, demo_log):
+    """MODEL.WEIGHTS "" drew a random model's output without a word."""
+    demo = _load_demo()
+    src = str(tmp_path / "img.png")
+    _small_image(src, 0, (64, 48))
+    out = tmp_path / "out"
+    assert _run_with(demo, "--input", src, "--output", str(out),
+                     weights_opts=["MODEL.WEIGHTS", ""]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL.WEIGHTS is empty" in err and "--allow-random-weights" in err
+    assert not out.exists()
+
+    missing = str(tmp_path / "nope.safetensors")
+    assert _run_with(demo, "--input", src, "--output", str(out),
+                     weights_opts=["MODEL.WEIGHTS", missing]) == 2
+    assert missing in capsys.readouterr().err
+    assert not out.exists()
+
+    assert _run_with(demo, "--input", src, "--output", str(out), "--allow-random-weights",
+                     weights_opts=["MODEL.WEIGHTS", ""]) == 0
+    assert _is_image(str(out / "img.png"))
+    warnings = [r.getMessage() for r in demo_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "random weights" in warnings[0]
+
+
+def test_help_documents_the_output_rules(capsys):
+    demo = _load_demo()
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("FOLDER/x/img.png and FOLDER/y/img.png", "clip.avi.mp4", "no extension",
+                  "--allow-random-weights", "refused before anything is written",
+                  "N instances", "nothing is saved"):
+        assert words in text, words
