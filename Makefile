@@ -10,6 +10,7 @@ setup:
 # CUDA compile check first, the pytest suite last (its summary line closes the output).
 test: setup
 	@bash tools/setup/cuda_compile_check.sh
+	@bash tools/setup/compiler_check.sh
 	$(PY) -m pytest tests
 
 main: setup
