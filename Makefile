@@ -3,7 +3,7 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export ISDA_VENV := $(VENV)
 
-.PHONY: setup test main cuda-check gpu-check
+.PHONY: setup test test-fallback main cuda-check gpu-check
 setup:
 	@bash tools/setup/setup.sh
 
@@ -12,6 +12,13 @@ test: setup
 	@bash tools/setup/cuda_compile_check.sh
 	@bash tools/setup/compiler_check.sh
 	$(PY) -m pytest tests
+
+# The same suite on the registry fallback Detectron2 (v0.6 Python code, no compiled ops), in a
+# second virtual environment (CI runs both flavours: .ci/run).
+FALLBACK_VENV ?= $(CURDIR)/.venv-fallback
+test-fallback:
+	@ISDA_VENV=$(FALLBACK_VENV) ISDA_DETECTRON2_FLAVOUR=fallback bash tools/setup/setup.sh
+	$(FALLBACK_VENV)/bin/python -m pytest tests
 
 main: setup
 	$(PY) tools/main_job.py
