@@ -29,7 +29,7 @@ def main(argv=None):
     hidden = torch.randn(tokens, 1024, requires_grad=True)
     branch = torch.randn(tokens, 256, requires_grad=True)
     if not fast_dropout_available(hidden):
-        raise SystemExit("isda._C has no dropout kernel: build it (pip install --no-build-isolation -e .)")
+        raise SystemExit("the optional isda._dropout extension is not built: build it (pip install --no-build-isolation -e .)")
     cases = {
         "relu_dropout": (hidden, lambda x: F.dropout(F.relu(x), 0.1, True),
                          lambda x: relu_dropout(x, 0.1, True)),

@@ -45,7 +45,13 @@ def isda_extension_info() -> dict:
         return {"built": False, "error": str(e),
                 "note": "the PyTorch reference path is used (slow); see docs/troubleshooting.md"}
     devices = ["cpu"] + (["cuda"] if _C.has_cuda() else [])
-    return {"built": True, "devices": devices, "file": _C.__file__}
+    try:
+        from isda import _dropout
+        dropout = {"built": True, "file": _dropout.__file__}
+    except ImportError as e:  # optional: torch's dropout is used instead
+        dropout = {"built": False, "error": str(e)}
+    return {"built": True, "devices": devices, "file": _C.__file__,
+            "compiled_dropout (optional)": dropout}
 
 
 def compiler_version() -> str:

@@ -3,19 +3,19 @@ ReLU + dropout for the feed-forward blocks.
 
 ``torch.nn.functional.dropout`` on the CPU draws one Bernoulli sample per element from a
 sequential generator: on the encoder's [20197, 1024] FFN activations it costs more than the
-Linear layer producing them (``benchmarks/dropout.py``). The kernel in ``isda._C`` hashes
+Linear layer producing them (``benchmarks/dropout.py``). The kernel in ``isda._dropout`` (an optional extension, ``ops/dropout``) hashes
 (seed, element index) instead (splitmix64, 32 bits per element, keep when the word is
 >= round(p * 2^32)), multi-threaded and thread-count independent; the seed is drawn from torch's
 default generator, so ``torch.manual_seed`` and checkpointed RNG states still reproduce a run.
 The backward keeps a uint8 mask (a quarter of the float activations torch's dropout keeps).
 
-On other devices (CUDA: torch's fused Philox kernel is already fast), without the extension, or
-with ``ISDA_FAST_DROPOUT=0`` the torch ops are used; outputs then differ in the random draw only.
+On other devices (CUDA: torch's fused Philox kernel is already fast) or without the extension
+the torch ops are used; outputs then differ in the random draw only. The model uses these only
+after :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (config key
+``MODEL.CPU_FAST_PATHS``).
 
 Shapes: any; the output has the input's shape and dtype.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,20 +24,17 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["FastDropout", "dropout", "relu_dropout", "fast_dropout_available"]
 
-_enabled = os.environ.get("ISDA_FAST_DROPOUT", "1").strip() not in ("0", "false", "False")
-
-
 def _extension():
     try:
-        from isda import _C
-    except ImportError:
+        from isda import _dropout
+    except ImportError:  # an optional extension: torch's dropout is used without it
         return None
-    return _C if hasattr(_C, "dropout_forward") else None
+    return _dropout
 
 
 def fast_dropout_available(tensor: torch.Tensor) -> bool:
     """Whether the compiled kernel serves ``tensor`` (CPU, floating point, extension built)."""
-    return (_enabled and tensor.device.type == "cpu" and tensor.is_floating_point()
+    return (tensor.device.type == "cpu" and tensor.is_floating_point()
             and _extension() is not None)
 
 

@@ -1,7 +1,6 @@
-// Python bindings of ISDA's compiled ops (module isda._C).
+// Python bindings of ISDA's multi-scale deformable attention op (module isda._C).
 #include <torch/extension.h>
 
-#include "dropout.h"
 #include "ms_deform_attn.h"
 
 bool isda_has_cuda() {
@@ -25,10 +24,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_attention_weights]",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("grad_output"));
-  m.def("dropout_forward", &isda::dropout_forward_cpu,
-        "CPU dropout (optionally fused with a preceding ReLU) with a counter-based stream: "
-        "(input, p, seed, relu) -> [output, uint8 mask]",
-        py::arg("input"), py::arg("p"), py::arg("seed"), py::arg("relu") = false);
-  m.def("dropout_backward", &isda::dropout_backward_cpu,
-        "grad_output * mask * scale", py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
 }

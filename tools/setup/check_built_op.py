@@ -24,6 +24,13 @@ import torch
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
+def load_dropout(so_path):
+    spec = importlib.util.spec_from_file_location("isda._dropout", so_path)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    return ext
+
+
 def load(so_path):
     spec = importlib.util.spec_from_file_location("isda._C", so_path)
     ext = importlib.util.module_from_spec(spec)
@@ -128,8 +135,8 @@ def check_dropout(ext):
 
 
 def main():
-    if len(sys.argv) != 2 or not os.path.isfile(sys.argv[1]):
-        sys.exit(f"usage: {sys.argv[0]} <path of a built isda _C*.so>")
+    if len(sys.argv) not in (2, 3) or not all(os.path.isfile(a) for a in sys.argv[1:]):
+        sys.exit(f"usage: {sys.argv[0]} <built isda _C*.so> [<built isda _dropout*.so>]")
     torch.set_num_threads(2)
     ext = load(os.path.abspath(sys.argv[1]))
     from isda.layers.ms_deform_attn import ms_deform_attn_reference  # after load(): see there
@@ -137,8 +144,9 @@ def main():
     import isda
     assert isda._C is ext and sys.modules["isda._C"].__file__ == ext.__file__
     check_msda(ext, ms_deform_attn_reference)
-    check_dropout(ext)
-    print(f"OK: {sys.argv[1]}")
+    if len(sys.argv) == 3:
+        check_dropout(load_dropout(os.path.abspath(sys.argv[2])))
+    print(f"OK: {' '.join(sys.argv[1:])}")
 
 
 if __name__ == "__main__":

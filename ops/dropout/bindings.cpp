@@ -1,0 +1,14 @@
+// Python bindings of the compiled CPU dropout (module isda._dropout): an optional speed-up,
+// built as its own extension so that it can never stop the deformable attention op from building.
+#include <torch/extension.h>
+
+#include "dropout.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dropout_forward", &isda::dropout_forward_cpu,
+        "CPU dropout (optionally fused with a preceding ReLU) with a counter-based stream: "
+        "(input, p, seed, relu) -> [output, uint8 mask]",
+        py::arg("input"), py::arg("p"), py::arg("seed"), py::arg("relu") = false);
+  m.def("dropout_backward", &isda::dropout_backward_cpu,
+        "grad_output * mask * scale", py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
+}
