@@ -39,7 +39,7 @@ def _load_demo():
 def weights(tmp_path_factory):
     """A tiny ISDA trained for 2 iterations on voc_sample, saved by ISDACheckpointer and
     published as .safetensors."""
-    from isda.data.minimal_mapper import MinimalInstanceMapper
+    from plain_loop import MinimalInstanceMapper
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:

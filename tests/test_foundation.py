@@ -17,7 +17,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
-from isda.data import prepare
+import prepare_datasets as prepare  # tools/setup/
 
 
 def test_package_imports_and_registers():

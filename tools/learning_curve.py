@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectron2.config import get_cfg  # noqa: E402
 
 import isda  # noqa: E402
-from isda.engine.plain_loop import build_plain_training, evaluate_segm, plain_step  # noqa: E402
+from plain_loop import build_plain_training, evaluate_segm, plain_step  # noqa: E402  (tools/)
 
 
 def evaluate(model, cfg):

@@ -57,6 +57,6 @@ if [ "$(cat "$VENV/.isda-build" 2>/dev/null)" != "$build_hash" ] \
 fi
 
 # 4. embedded datasets
-"$PY" -m isda.data.prepare
+"$PY" tools/setup/prepare_datasets.py
 
 say "ready in $(( $(date +%s) - t0 )) s  (python: $PY)"

@@ -5,7 +5,7 @@
 * ``nuclei_val``: columns 384-511 of the same image, as 4 tiles of 128x128
 * ``voc_sample``: 3 VOC photos with 12 polygon instances (labelme)
 
-All are built by ``python -m isda.data.prepare`` (part of ``make setup``).
+All are built by ``tools/setup/prepare_datasets.py`` (part of ``make setup``).
 Files live under ``$ISDA_DATASETS`` (default ``datasets/`` in the repository).
 """
 from pathlib import Path
@@ -37,7 +37,7 @@ def _loader(name):
         if not json_file.is_file():
             raise FileNotFoundError(
                 f"dataset '{name}': {json_file} does not exist. Build the embedded datasets with "
-                f"`python -m isda.data.prepare` (part of `make setup`)."
+                f"`make setup` (tools/setup/prepare_datasets.py)."
             )
         return load_coco_json(str(json_file), str(image_root), name)
 

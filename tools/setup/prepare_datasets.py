@@ -1,4 +1,5 @@
-"""Fetch, convert and cache the embedded datasets (``python -m isda.data.prepare``).
+"""Fetch, convert and cache the embedded datasets: ``python tools/setup/prepare_datasets.py``
+(run by ``make setup``).
 
 Sources are registry packages, fetched with pip:
 
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .paths import datasets_root
+from isda.data.paths import datasets_root
 
 STARDIST_VERSION = "0.9.2"
 LABELME_VERSION = "6.3.1"
