@@ -30,6 +30,35 @@ def dice_loss(mask_logits, targets, eps=1e-3):
     return 1 - num / den
 
 
+def check_finite(tensors, what, losses=()):
+    """Raise ``FloatingPointError`` if a tensor of ``tensors`` ([(name, tensor)], first dimension
+    of a 4-d+ tensor = decoder layer) holds NaN or inf; the message names each such tensor with
+    its NaN / inf counts (and decoder layers), and ``losses`` (the losses that cannot be
+    computed). One host synchronisation when everything is finite; the minimum and maximum of
+    each tensor (NaN propagates through them) are much cheaper than ``isfinite(t).all()``."""
+    extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float() if t.numel()
+                            else t.new_zeros(2, dtype=torch.float32) for _, t in tensors])
+    flags = torch.isfinite(extremes).all(1).tolist()
+    if all(flags):
+        return
+    parts = []
+    for (name, t), ok in zip(tensors, flags):
+        if ok:
+            continue
+        t = t.detach()
+        where = ""
+        if t.dim() >= 4 and name != "mask features":
+            bad_layers = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
+            where = f" (decoder layers {', '.join(map(str, bad_layers))})"
+        parts.append(f"{name} {list(t.shape)}{where}: {int(torch.isnan(t).sum())} NaN, "
+                     f"{int(torch.isinf(t).sum())} inf of {t.numel()} values")
+    msg = f"Non-finite {what}: " + "; ".join(parts)
+    if losses:
+        msg += f". Losses not computed: {', '.join(losses)}"
+    raise FloatingPointError(msg + ". The learning rate may be too high, or the weights or "
+                             "the input hold extreme values")
+
+
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -85,15 +114,33 @@ class SetCriterion(nn.Module):
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
         layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
+        loss_names = [f"{k}{'' if l == n_layers - 1 else f'_{l}'}"
+                      for l in layers for k in ("loss_focal", "loss_dice")]
+        # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
+        # with their names, not inside scipy's assignment solver
+        outputs = [("class logits", all_logits),
+                   ("mask logits" if mask_features is None else "mask kernels", all_mask_logits)]
+        if mask_features is not None:
+            outputs.append(("mask features", mask_features))
+        check_finite(outputs, "model outputs before Hungarian matching", loss_names)
         all_indices = []
         for l in layers:
-            if mask_features is None:
-                all_indices.append(self.matcher(all_logits[l].float(),
-                                                all_mask_logits[l].detach().float(), targets))
-            else:
-                all_indices.append(self.matcher.forward_kernels(
-                    all_logits[l].float(), all_mask_logits[l].detach(), mask_features.detach(),
-                    targets))
+            try:
+                if mask_features is None:
+                    all_indices.append(self.matcher(all_logits[l].float(),
+                                                    all_mask_logits[l].detach().float(), targets))
+                else:
+                    all_indices.append(self.matcher.forward_kernels(
+                        all_logits[l].float(), all_mask_logits[l].detach(),
+                        mask_features.detach(), targets))
+            except ValueError as e:
+                # finite but extreme outputs can still overflow inside the matching cost
+                if "invalid numeric entries" not in str(e):
+                    raise
+                raise FloatingPointError(
+                    f"Non-finite Hungarian matching cost of decoder layer {l} (finite but "
+                    f"extreme model outputs overflowed: {e}). Losses not computed: "
+                    f"{', '.join(loss_names)}") from None
         if mask_features is None:
             src = [torch.cat([all_mask_logits[l][i, q.to(all_logits.device)].flatten(1)
                               for i, (q, _) in enumerate(ind)]).float()

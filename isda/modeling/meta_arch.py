@@ -9,7 +9,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, ImageList
 
 from .channel_mapper import ChannelMapper
-from .criterion import SetCriterion
+from .criterion import SetCriterion, check_finite
 from .deformable_decoder import DeformableDecoder
 from .deformable_encoder import DeformableEncoder
 from .heads import ISDAHeads, predict_masks
@@ -214,6 +214,9 @@ class ISDA(nn.Module):
             return self.criterion(out["logits"], out["kernels"], targets, mask_features)
 
         logits, kernels = out["logits"][-1], out["kernels"][-1]
+        # NaN / inf outputs would become NaN scores and a meaningless AP: refuse to report them
+        check_finite([("class logits", logits), ("mask kernels", kernels),
+                      ("mask features", mask_features)], "predictions (inference)")
         results = []
         for i, x in enumerate(batched_inputs):
             image_size = out["images"].image_sizes[i]
