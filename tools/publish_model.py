@@ -6,19 +6,21 @@
 Reads IN safely (``isda.checkpoint``), drops the optimizer, scheduler, iteration and any other
 trainer state, and writes into OUT_DIR
 
-- ``<name>-<md5[:8]>.pth``: ``{"model": state_dict}``, ``md5`` being this file's own md5;
+- ``<name>-<md5[:8]>.pth``: ``{"model": state_dict, "isda_sha256": content checksum}``, ``md5``
+  being this file's own md5;
 - ``<name>-<md5[:8]>.safetensors``: the same tensors (contiguous, no shared storage), with the
   same stem so the pair is easy to match; its own md5 is printed, and its metadata records the
-  ``.pth`` md5.
+  ``.pth`` md5 and the same content checksum (``isda_sha256``), which loading verifies.
 
-Either file is a valid ``MODEL.WEIGHTS`` for ISDA. The last stdout line is a JSON summary.
+Either file is a valid ``MODEL.WEIGHTS`` for ISDA. Non-finite weights are refused (reading and
+writing); the files get the permissions of the umask (``0o666 & ~umask``, like any new file), are
+written to temporary files and renamed. The last stdout line is a JSON summary.
 """
 import argparse
 import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -50,37 +52,58 @@ def publish(src, out_dir, name=None):
     """Write the .pth/.safetensors pair; returns a summary dict."""
     from safetensors.torch import save_file
 
-    from isda.checkpoint import atomic_torch_save, load_checkpoint_file
+    from isda.checkpoint import (CHECKSUM_KEY, _temp_file, atomic_torch_save, content_checksum,
+                                 load_checkpoint_file)
 
-    ckpt = load_checkpoint_file(src)
-    stripped = sorted(k for k in ckpt if k != "model")
+    ckpt = load_checkpoint_file(src)  # refuses pickled code, a bad checksum, NaN / inf weights
+    stripped = sorted(k for k in ckpt if k not in ("model", "matching_heuristics"))
     state, dropped = clean_state_dict(ckpt["model"])
     if name is None:
         name = os.path.splitext(os.path.basename(src))[0]
     os.makedirs(out_dir, exist_ok=True)
+    checksum = content_checksum({"model": state})
 
-    fd, tmp = tempfile.mkstemp(prefix=".publish-", suffix=".pth", dir=out_dir)
+    # the .pth is named by its own md5: written under a temporary name first (atomically,
+    # umask's mode), then renamed
+    fd, provisional = _temp_file(os.path.join(out_dir, name + ".pth"))
     os.close(fd)
     try:
-        atomic_torch_save({"model": state}, tmp)
-        digest = md5sum(tmp)
+        atomic_torch_save({"model": state}, provisional)
+        digest = md5sum(provisional)
         stem = f"{name}-{digest[:8]}"
         pth = os.path.join(out_dir, stem + ".pth")
-        os.replace(tmp, pth)
+        os.replace(provisional, pth)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if os.path.exists(provisional):
+            os.unlink(provisional)
 
     sft = os.path.join(out_dir, stem + ".safetensors")
-    tmp = sft + ".tmp"
-    save_file(state, tmp, metadata={"format": "pt", "pth_md5": digest})
-    os.replace(tmp, sft)
+    atomic_file(sft, lambda tmp: save_file(state, tmp, metadata={
+        "format": "pt", "pth_md5": digest, CHECKSUM_KEY: checksum}))
     return {
         "pth": pth, "pth_md5": digest, "pth_bytes": os.path.getsize(pth),
         "safetensors": sft, "safetensors_md5": md5sum(sft),
         "safetensors_bytes": os.path.getsize(sft),
         "tensors": len(state), "stripped": stripped, "dropped_non_tensors": dropped,
+        "content_sha256": checksum,
     }
+
+
+def atomic_file(path, write):
+    """``write(tmp_path)`` into a temporary file beside ``path`` (``.<name>.XXXXXXXX.tmp``, so an
+    interrupted run's leftover is cleaned by the next save in that folder), then chmod to the
+    umask's mode and rename; the temporary file is removed on failure."""
+    from isda.checkpoint import _temp_file, umask_file_mode
+
+    fd, tmp = _temp_file(path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, umask_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def main(argv=None):
