@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 
 import cv2  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
@@ -288,6 +288,31 @@ def test_export_attention_matches_reference_and_compiled():
         with set_backend("compiled"):
             torch.testing.assert_close(out, ms_deform_attn(value, spatial, start, loc, attn),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_opset_16_export_runs_in_onnxruntime(setup, tmp_path):
+    """--opset 16 (isda.export.opset rewrites the opset-18 forms): standard GridSample-16, no
+    LayerNormalization (opset 17), same outputs as the opset-18 file at two sizes."""
+    import onnx
+
+    path = export_onnx(setup["program"], torch.zeros(1, 3, 80, 90), str(tmp_path / "m16.onnx"),
+                       opset=16)
+    model = onnx.load(path)
+    assert [o.version for o in model.opset_import if o.domain == ""] == [16]
+    ops = {n.op_type for n in model.graph.node}
+    assert "GridSample" in ops and "LayerNormalization" not in ops
+    session16 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for dataset in ("nuclei_val", "voc_sample"):
+        _, img = _images(dataset)[0]
+        x = network_input(img, 0, 0)
+        a = setup["session"].run(None, {"image": x})
+        b = session16.run(None, {"image": x})
+        np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-4)
+        same = a[1] == b[1]
+        for i in np.nonzero(~same)[0]:  # only pairs whose scores tie may swap
+            gaps = np.abs(a[0][max(i - 1, 0):i + 2] - a[0][i])
+            assert np.sort(gaps)[1] < 1e-4, f"pair {i} differs without a tie"
+        np.testing.assert_allclose(a[2][same], b[2][same], rtol=0, atol=1e-3)
 
 
 def test_opset_below_16_is_refused(setup):

@@ -73,21 +73,25 @@ def export_onnx(program, example: torch.Tensor, path: str, opset: int = DEFAULT_
         raise ValueError(f"opset must be >= {MIN_OPSET} (GridSample), got {opset}")
     if isinstance(program, ExportableISDA):
         program = export_program(program, example)
+    from .opset import NATIVE_OPSET, downgrade
+
+    # the exporter writes opset 18 natively; lower opsets are rewritten by isda.export.opset
+    # (onnx's version converter has no adapter for Pad 18 -> 17 and would keep opset 18)
+    native = max(int(opset), NATIVE_OPSET)
     torch.onnx.export(program, (_example(example),), path, input_names=INPUT_NAMES,
-                      output_names=OUTPUT_NAMES, opset_version=opset, dynamo=True,
+                      output_names=OUTPUT_NAMES, opset_version=native, dynamo=True,
                       external_data=False, optimize=optimize, verbose=False)
     import onnx
 
     model = onnx.load(path)
     written = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
                   default=None)
-    if written != opset:
-        # torch's exporter writes opset 18 and converts down with onnx's version converter,
-        # which has no adapter for some of the graph's operators (Pad 18 -> 17); it then
-        # keeps opset 18 with a warning only
+    if written != native:
         os.remove(path)
-        raise RuntimeError(f"the ONNX exporter could not write opset {opset} (it produced "
-                           f"opset {written}); use --opset {written} or higher")
+        raise RuntimeError(f"the ONNX exporter could not write opset {native} (it produced "
+                           f"opset {written})")
+    if opset < native:
+        downgrade(model, opset)
     _rename_dims(model, _symbol_names(program))
     onnx.save(model, path)
     return path
