@@ -5,8 +5,11 @@ machine, evaluate the final checkpoint on the held-out ``nuclei_val`` image with
 
 Writes, under ``--output`` (default ``output/main``):
 
-* ``train/``          the training run (Detectron2 logs, TensorBoard events, ``model_final.pth``)
-* ``metrics.json``    the evaluator's results plus the git commit, seed and wall times
+* ``train/``          the training run (Detectron2 logs, TensorBoard events, ``model_final.pth``);
+                      a re-run moves the earlier run into ``train/previous-<timestamp>/``
+                      (``OUTPUT_DIR_EXISTING move``): nothing of it is deleted
+* ``metrics.json``    the evaluator's results plus the git commit, seed and wall times (strict
+                      JSON: an undefined metric, NaN, is ``null``)
 * ``predictions.png`` ground truth | prediction panels for the validation image and a train tile
 
 The held-out split is never used to choose a checkpoint: the final one is evaluated.
@@ -95,6 +98,23 @@ def visualise(config: str, weights: Path, out_png: Path, opts, threshold: float 
     cv2.imwrite(str(out_png), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
 
 
+def write_metrics(path: Path, metrics: dict) -> None:
+    """Write ``metrics`` as strict JSON (NaN / inf -> ``null``), atomically."""
+    from isda.checkpoint import atomic_write_text
+    from isda.engine.hooks import dumps_strict
+
+    atomic_write_text(dumps_strict(metrics, indent=2) + "\n", str(path))
+
+
+def fmt(value, spec=".1f") -> str:
+    """A metric for the console: ``n/a`` when undefined (None, NaN, inf) or missing."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return format(value, spec) if value == value and abs(value) != float("inf") else "n/a"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config-file", default=DEFAULT_CONFIG)
@@ -108,7 +128,9 @@ def main(argv=None) -> int:
     out = (ROOT / args.output).resolve()
     train_dir = out / "train"
     out.mkdir(parents=True, exist_ok=True)
-    opts = ["MODEL.DEVICE", "cpu", "SEED", str(args.seed), "OUTPUT_DIR", str(train_dir)] + args.opts
+    # a re-run moves the earlier run in train/ aside (train/previous-<timestamp>/), never deletes it
+    opts = ["MODEL.DEVICE", "cpu", "SEED", str(args.seed), "OUTPUT_DIR", str(train_dir),
+            "OUTPUT_DIR_EXISTING", "move"] + args.opts
     py = sys.executable
     t_start = time.time()
 
@@ -134,10 +156,10 @@ def main(argv=None) -> int:
                          "visualise": round(t_vis, 1), "total": round(time.time() - t_start, 1)},
         "threads": os.cpu_count(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics(out / "metrics.json", metrics)
     segm = results.get("segm", {})
-    print(f"[main] nuclei_val mask AP {segm.get('AP', float('nan')):.1f}, "
-          f"AP50 {segm.get('AP50', float('nan')):.1f}, AP75 {segm.get('AP75', float('nan')):.1f}")
+    print(f"[main] nuclei_val mask AP {fmt(segm.get('AP'))}, "
+          f"AP50 {fmt(segm.get('AP50'))}, AP75 {fmt(segm.get('AP75'))}")
     print(f"[main] train {t_train:.0f} s, eval {t_eval:.0f} s")
     print(f"[main] metrics:     {out / 'metrics.json'}")
     print(f"[main] predictions: {out / 'predictions.png'}")
