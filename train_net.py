@@ -14,10 +14,20 @@ a training loader that resumes exactly and can skip bad samples (``INPUT.BAD_SAM
 random states saved in checkpoints, per-iteration losses in ``OUTPUT_DIR/losses.jsonl``, a
 fallback to the previous checkpoint when the last one is corrupt, and CPU multi-process
 training through ``torch.distributed`` (gloo).
+
+Records stay true (docs/reliability.md, "Checkpoints, counters and outputs"): a training run
+without ``--resume`` in an ``OUTPUT_DIR`` holding an earlier run stops (``OUTPUT_DIR_EXISTING
+refuse``) or moves the earlier run aside (``move``); a ``last_checkpoint`` naming a missing or
+corrupt file falls back to the newest loadable earlier checkpoint; non-finite outputs stop
+training with ``FloatingPointError`` naming the iteration; ``metrics.json`` and
+``inference/results.json`` are strict JSON (``null`` for undefined metrics); evaluation loads
+weights strictly (``MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS``).
 """
-import json
+import datetime
+import fnmatch
 import logging
 import os
+import shutil
 import warnings
 import weakref
 
@@ -29,6 +39,8 @@ from detectron2.engine import (DefaultTrainer, SimpleTrainer, AMPTrainer, create
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 import isda  # noqa: F401  (registers the meta-architecture and the embedded datasets)
@@ -37,9 +49,78 @@ from isda.data.dataset_mapper import ISDADatasetMapper
 from isda.solver import build_isda_optimizer
 from isda.utils.cpu_allocator import keep_freed_memory
 from isda.utils.env import detectron2_has_compiled_ops
-from isda.checkpoint import CorruptCheckpointError, ISDACheckpointer as Checkpointer
-from isda.engine import (BadSampleCounter, LossLogger, RNGStateHook, build_resumable_train_loader,
-                         launch_cpu)
+from isda.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
+                             ISDACheckpointer as Checkpointer, atomic_write_text,
+                             clean_stale_temp_files)
+from isda.engine import build_resumable_train_loader, launch_cpu
+from isda.engine.hooks import (BadSampleCounter, LossLogger, RNGStateHook, StrictJSONWriter,
+                               dumps_strict)
+
+# files that show an earlier training run in OUTPUT_DIR (non-empty ones)
+RUN_RECORDS = ("last_checkpoint", "losses.jsonl", "metrics.json", "model_*.pth")
+# what "OUTPUT_DIR_EXISTING move" moves aside (the records and the rest of that run's outputs)
+RUN_OUTPUTS = RUN_RECORDS + ("config.yaml", "log.txt", "log.txt.rank*", "events.out.tfevents.*",
+                             "inference")
+
+
+class EarlierRunError(FileExistsError):
+    """A training run without --resume was started in an OUTPUT_DIR holding an earlier run."""
+
+
+def earlier_run_records(output_dir) -> list:
+    """Names of the files in ``output_dir`` that show an earlier training run (RUN_RECORDS)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if (any(fnmatch.fnmatch(name, pat) for pat in RUN_RECORDS) and os.path.isfile(path)
+                and os.path.getsize(path) > 0):
+            found.append(name)
+    return found
+
+
+def _earlier_run_message(output_dir, records, how):
+    shown = ", ".join(records[:8]) + (f" and {len(records) - 8} more" if len(records) > 8 else "")
+    return (f"OUTPUT_DIR '{output_dir}' holds an earlier training run ({shown}). A new run "
+            f"without --resume would mix with its records or overwrite them, so {how}. Use "
+            "--resume to continue it, choose another OUTPUT_DIR, or set OUTPUT_DIR_EXISTING move "
+            "to move the earlier run into OUTPUT_DIR/previous-<timestamp>/ and start afresh")
+
+
+def prepare_output_dir(cfg, resume: bool):
+    """Before a training run writes anything (main process): if ``cfg.OUTPUT_DIR`` holds an
+    earlier run and ``resume`` is False, refuse (``EarlierRunError``; nothing is changed) or,
+    with ``OUTPUT_DIR_EXISTING move``, move that run's files into
+    ``OUTPUT_DIR/previous-<timestamp>/``; returns that message (None when nothing moved)."""
+    policy = cfg.get("OUTPUT_DIR_EXISTING", "refuse")
+    if policy not in ("refuse", "move"):
+        raise ValueError(f"OUTPUT_DIR_EXISTING must be 'refuse' or 'move', got {policy!r}")
+    out = cfg.OUTPUT_DIR
+    records = earlier_run_records(out)
+    if resume or not records:
+        return
+    if policy == "refuse":
+        raise EarlierRunError(_earlier_run_message(out, records, "nothing was started or "
+                                                   "changed (OUTPUT_DIR_EXISTING refuse)"))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = os.path.join(out, f"previous-{stamp}")
+    n = 1
+    while os.path.exists(dest):
+        dest = os.path.join(out, f"previous-{stamp}-{n}")
+        n += 1
+    os.makedirs(dest)
+    moved = []
+    for name in sorted(os.listdir(out)):
+        if any(fnmatch.fnmatch(name, pat) for pat in RUN_OUTPUTS):
+            shutil.move(os.path.join(out, name), os.path.join(dest, name))
+            moved.append(name)
+    # the logger is not set up yet: say it on stderr and again in the log (see setup)
+    msg = (f"OUTPUT_DIR '{out}' held an earlier training run: moved {len(moved)} files "
+           f"({', '.join(moved[:8])}{' ...' if len(moved) > 8 else ''}) into '{dest}' "
+           "(OUTPUT_DIR_EXISTING move); this run starts afresh")
+    print(msg, flush=True)
+    return msg
 
 
 class Trainer(DefaultTrainer):
@@ -51,6 +132,10 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        # what an earlier run left here, seen before this one creates any file (checked by
+        # resume_or_load(resume=False): setup() normally deals with it first)
+        self._earlier_run = earlier_run_records(cfg.OUTPUT_DIR) if comm.is_main_process() else []
+        self._metrics_writer = None
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -60,7 +145,9 @@ class Trainer(DefaultTrainer):
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # training loads partially (ImageNet backbone, converted Deformable DETR): allow_partial
+        self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, allow_partial=True,
+                                         trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -68,13 +155,36 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         period = self.cfg.SOLVER.CHECKPOINT_PERIOD
-        # the random-state snapshot must be taken before the checkpointer saves it
-        ret = [RNGStateHook(period)] + super().build_hooks()
+        # the random-state snapshot and the bad-sample count of an iteration must be taken
+        # before the checkpointer saves them (Detectron2's hooks run in list order)
+        ret = [RNGStateHook(period)]
         loader = self._trainer.data_loader
+        counter = None
         if hasattr(loader, "num_bad_samples"):
-            ret.append(BadSampleCounter(loader, period))
+            counter = BadSampleCounter(loader, period, report_at_end=False)
+            ret.append(counter)
+        ret += super().build_hooks()
         ret.append(LossLogger(self.cfg.OUTPUT_DIR))
+        if counter is not None:
+            ret.append(counter.report_hook())  # the total: the last line of the training log
         return ret
+
+    def build_writers(self):
+        """Detectron2's default writers, with ``metrics.json`` written as strict JSON."""
+        PathManager.mkdirs(self.cfg.OUTPUT_DIR)
+        self._metrics_writer = StrictJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
+        return [CommonMetricPrinter(self.max_iter), self._metrics_writer,
+                TensorboardXWriter(self.cfg.OUTPUT_DIR)]
+
+    def run_step(self):
+        """Detectron2's step; a ``FloatingPointError`` of the model (non-finite outputs) is
+        raised again with the iteration (Detectron2's own loss check already names it)."""
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            if "iteration=" in str(e):
+                raise
+            raise FloatingPointError(f"at iteration={self.iter}: {e}") from e
 
     def state_dict(self):
         # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer); later
@@ -96,36 +206,57 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         """Detectron2's ``resume_or_load``; then the loader skips the batches already trained
-        on. A corrupt last checkpoint is reported and the newest loadable earlier one is used."""
+        on. A last checkpoint that is corrupt, non-finite or missing is reported and the newest
+        loadable earlier one is used. Without ``resume``, an OUTPUT_DIR holding an earlier run
+        is refused (``EarlierRunError``). Replayed iterations are dropped from metrics.json."""
+        if comm.is_main_process():
+            clean_stale_temp_files(self.cfg.OUTPUT_DIR)
+        if not resume and self._earlier_run:
+            raise EarlierRunError(_earlier_run_message(
+                self.cfg.OUTPUT_DIR, self._earlier_run, "training was not started (start through "
+                "train_net.setup() to apply OUTPUT_DIR_EXISTING)"))
         try:
             super().resume_or_load(resume=resume)
-        except CorruptCheckpointError as e:
-            if not resume:
+        except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+            if not (resume and self.checkpointer.has_checkpoint()):
                 raise
             self._resume_from_previous(e)
         loader = self._trainer.data_loader
         if hasattr(loader, "set_start"):
             loader.set_start(self.start_iter)
+        if self._metrics_writer is not None:
+            dropped = self._metrics_writer.drop_from(self.start_iter)
+            if dropped:
+                logging.getLogger("isda").info(
+                    "metrics.json: dropped %d line(s) of iterations >= %d (replayed now)",
+                    dropped, self.start_iter)
 
     def _resume_from_previous(self, error):
         log = logging.getLogger("isda")
         bad = os.path.abspath(self.checkpointer.get_checkpoint_file())
         folder = os.path.dirname(bad)
+        missing = isinstance(error, CheckpointNotFoundError)
+        if missing:
+            error = (f"last_checkpoint in '{folder}' names '{os.path.basename(bad)}', which does "
+                     "not exist (deleted or moved)")
         candidates = sorted((os.path.join(folder, f) for f in os.listdir(folder)
                              if f.endswith(".pth") and os.path.join(folder, f) != bad),
                             key=os.path.getmtime, reverse=True)
         for path in candidates:
             try:
                 self.checkpointer.load(path)
-            except CorruptCheckpointError as e2:
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e2:
                 log.warning("%s", e2)
                 continue
-            log.warning("%s\nResuming from the previous good checkpoint '%s' instead (the "
-                        "corrupt file is left in place).", error, path)
+            log.warning("%s\nResuming from the previous good checkpoint '%s' instead (%s).",
+                        error, path, "last_checkpoint is left as it is" if missing
+                        else "the corrupt file is left in place")
             self.start_iter = self.iter + 1
             return
-        raise CorruptCheckpointError(f"{error}\nNo earlier loadable checkpoint in '{folder}': "
-                                     "remove the file to start from MODEL.WEIGHTS") from None
+        cls = CheckpointNotFoundError if missing else CorruptCheckpointError
+        raise cls(f"{error}\nNo earlier loadable checkpoint in '{folder}': "
+                  + ("remove last_checkpoint" if missing else "remove the file")
+                  + " to start from MODEL.WEIGHTS") from None
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -153,14 +284,13 @@ class Trainer(DefaultTrainer):
 
 
 def save_results(cfg, results) -> str:
-    """Write the evaluation results as JSON: ``OUTPUT_DIR/inference/results.json``."""
+    """Write the evaluation results as strict JSON (``null`` for an undefined metric, e.g. NaN
+    for a category without ground truth): ``OUTPUT_DIR/inference/results.json``."""
     path = os.path.join(cfg.OUTPUT_DIR, "inference", "results.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"datasets": list(cfg.DATASETS.TEST), "weights": cfg.MODEL.WEIGHTS,
-                   "results": results}, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(dumps_strict({"datasets": list(cfg.DATASETS.TEST),
+                                    "weights": cfg.MODEL.WEIGHTS, "results": results},
+                                   indent=2) + "\n", path)
     return path
 
 
@@ -180,8 +310,14 @@ def setup(args):
     cfg.freeze()
     if cfg.MODEL.DEVICE == "cpu":
         keep_freed_memory()  # no page faults for re-allocated activations (isda/utils/cpu_allocator.py)
+    moved = None
+    if not getattr(args, "eval_only", False) and comm.is_main_process():
+        # before default_setup writes config.yaml and log.txt into OUTPUT_DIR
+        moved = prepare_output_dir(cfg, resume=getattr(args, "resume", False))
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")
+    if moved:
+        logging.getLogger("isda").warning("%s", moved)
     return cfg
 
 
@@ -189,7 +325,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # strict unless MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS: a partial load evaluates a model that
+        # is partly random and reports a number that is not the checkpoint's
+        Checkpointer(model, save_dir=cfg.OUTPUT_DIR,
+                     allow_partial=cfg.MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

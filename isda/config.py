@@ -45,6 +45,11 @@ def add_isda_config(cfg):
     isda.TEST.MASK_THRESHOLD = 0.5
     # pixels per chunk when upsampling masks to the original size (bounds peak memory)
     isda.TEST.CHUNK_PIXELS = 1 << 25
+    # weights loading for evaluation and the demo (train_net.py --eval-only, ISDAPredictor) is
+    # strict: missing, unexpected or mis-shaped parameters, or MODEL.WEIGHTS "", stop with the
+    # list of what did not load. True accepts a partial load (training always does: fine-tuning
+    # from an ImageNet backbone or a converted Deformable DETR is partial). docs/checkpoints.md
+    isda.ALLOW_PARTIAL_WEIGHTS = False
 
     # solver extras (read by the trainer)
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -56,6 +61,11 @@ def add_isda_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    # a training run started without --resume in an OUTPUT_DIR that holds an earlier run
+    # (last_checkpoint, model_*.pth, losses.jsonl, metrics.json): "refuse" (stop, nothing
+    # changed) or "move" (the earlier run's files go to OUTPUT_DIR/previous-<timestamp>/ first).
+    # docs/reliability.md, "Checkpoints, counters and outputs"
+    cfg.OUTPUT_DIR_EXISTING = "refuse"
     # input pipeline: the DETR augmentation recipe (isda/data/transforms.py)
     from .data.transforms import add_isda_input_config
 

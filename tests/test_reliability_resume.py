@@ -19,7 +19,7 @@ import pytest
 import torch
 from detectron2.data.samplers import TrainingSampler
 
-from isda.checkpoint import CorruptCheckpointError
+from isda.checkpoint import CheckpointNotFoundError, CorruptCheckpointError
 from isda.engine.sampler import ResumableBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +165,32 @@ def test_no_loadable_checkpoint_names_the_corrupt_file(runs, tmp_path):
         p.write_bytes(p.read_bytes()[:1000])
     trainer = _trainer(work)
     with pytest.raises(CorruptCheckpointError, match="model_final.pth.*truncated or corrupt"):
+        trainer.resume_or_load(resume=True)
+
+
+def test_last_checkpoint_naming_a_deleted_file_falls_back_to_the_newest_earlier_one(runs, tmp_path):
+    _, out, _, _ = runs
+    work = tmp_path / "run"
+    shutil.copytree(out, work)
+    assert (work / "last_checkpoint").read_text().strip() == "model_final.pth"
+    (work / "model_final.pth").unlink()
+    os.utime(work / "model_0000005.pth", (time.time() + 5,) * 2)  # the newest one left
+    trainer = _trainer(work)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 6  # model_0000005.pth holds iteration 5
+    log = (work / "log.txt").read_text()
+    assert "names 'model_final.pth', which does not exist" in log
+    assert "previous good checkpoint" in log and "model_0000005.pth" in log
+
+
+def test_last_checkpoint_naming_a_deleted_file_and_nothing_else_names_it(runs, tmp_path):
+    _, out, _, _ = runs
+    work = tmp_path / "run"
+    shutil.copytree(out, work)
+    for p in work.glob("*.pth"):
+        p.unlink()
+    trainer = _trainer(work)
+    with pytest.raises(CheckpointNotFoundError, match="model_final.pth.*does not exist"):
         trainer.resume_or_load(resume=True)
 
 

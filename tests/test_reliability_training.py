@@ -1,8 +1,11 @@
-"""The training loop with bad samples (INPUT.BAD_SAMPLE_POLICY) and non-finite losses, through
-train_net's Trainer in this process on the embedded nuclei tiles."""
+"""The training loop with bad samples (INPUT.BAD_SAMPLE_POLICY), non-finite losses and
+non-finite model outputs, through train_net's Trainer in this process on the embedded nuclei
+tiles."""
 import copy
 import itertools
+import json
 import re
+import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -27,12 +30,13 @@ SMALL = [
 ]
 
 
-def make_trainer(out, *opts):
+def make_trainer(out, *opts, resume=False):
     args = train_net.argument_parser().parse_args(
-        ["--config-file", str(ROOT / "configs/nuclei/isda_R18_tiny.yaml"), *SMALL, *opts,
+        [*(["--resume"] if resume else []),
+         "--config-file", str(ROOT / "configs/nuclei/isda_R18_tiny.yaml"), *SMALL, *opts,
          "OUTPUT_DIR", str(out)])
     trainer = train_net.Trainer(train_net.setup(args))
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume)
     return trainer
 
 
@@ -106,4 +110,92 @@ def test_nan_loss_stops_with_iteration_and_loss_names_without_checkpoint(tmp_pat
                                                               "model_0000001.pth"]
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
     state = torch.load(tmp_path / "model_0000001.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _saved_bad_samples(path):
+    hooks = torch.load(path, weights_only=True)["trainer"]["hooks"]
+    return hooks["BadSampleCounter"]["ranks"]
+
+
+def test_bad_sample_count_in_each_checkpoint_includes_its_iteration_and_survives_resume(
+        bad_dataset, tmp_path):
+    """Checkpoints after iterations 2 and 5; a resume from iteration 2's checkpoint must end
+    with the count of an uninterrupted run (reference: Detectron2's TrainingSampler stream)."""
+    name, n_good, n_total = bad_dataset
+    opts = ("DATASETS.TRAIN", f"('{name}',)", "SOLVER.MAX_ITER", "6",
+            "SOLVER.CHECKPOINT_PERIOD", "3", "INPUT.BAD_SAMPLE_POLICY", "skip")
+    at_2, at_5 = expected_skips(n_good, n_total, 3, 2 * 3), expected_skips(n_good, n_total, 3, 2 * 6)
+    assert 0 < at_2 < at_5, "choose a seed with bad records before and after iteration 2"
+    run = tmp_path / "run"
+    make_trainer(run, *opts).train()
+    assert _saved_bad_samples(run / "model_0000002.pth") == [at_2]
+    assert _saved_bad_samples(run / "model_0000005.pth") == [at_5]
+    assert _saved_bad_samples(run / "model_final.pth") == [at_5]
+
+    resumed = tmp_path / "resumed"  # as if killed after the checkpoint of iteration 2
+    shutil.copytree(run, resumed)
+    for f in ("model_0000005.pth", "model_final.pth"):
+        (resumed / f).unlink()
+    (resumed / "last_checkpoint").write_text("model_0000002.pth")
+    trainer = make_trainer(resumed, *opts, resume=True)
+    assert trainer.start_iter == 3
+    trainer.train()
+    assert trainer.storage.latest()["data/bad_samples"][0] == at_5
+    assert _saved_bad_samples(resumed / "model_final.pth") == [at_5]
+    log = (resumed / "log.txt").read_text().splitlines()
+    final = [ln for ln in log if "Bad samples skipped during training" in ln]
+    assert final[-1].rstrip().endswith(f"training: {at_5} (INPUT.BAD_SAMPLE_POLICY=skip)")
+    # losses.jsonl: every iteration once, the replayed ones from the resumed run
+    rows = [json.loads(x) for x in (resumed / "losses.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(6))
+
+
+def test_nan_outputs_stop_before_matching_with_iteration_and_losses(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, "SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "1")
+    model = trainer._trainer.model
+    matcher = model.criterion.matcher
+    matched_at = []
+    match = matcher.forward_kernels
+
+    def spy(*args, **kwargs):
+        matched_at.append(trainer.iter)
+        return match(*args, **kwargs)
+
+    monkeypatch.setattr(matcher, "forward_kernels", spy)
+    forward = model.forward
+
+    def poisoned(batched_inputs):
+        if trainer.iter == 2:  # broken weights: every class logit is NaN
+            with torch.no_grad():
+                model.heads.class_embed.bias.fill_(float("nan"))
+        return forward(batched_inputs)
+
+    model.forward = poisoned
+    with pytest.raises(FloatingPointError) as exc:
+        trainer.train()
+    msg = str(exc.value)
+    assert "iteration=2" in msg and "class logits" in msg and "20 NaN" in msg
+    assert "Losses not computed: loss_focal, loss_dice" in msg
+    assert "mask kernels" not in msg  # only the broken output is named
+    assert 1 in matched_at and 2 not in matched_at  # the matcher never saw the NaNs
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth",
+                                                              "model_0000001.pth"]
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000001.pth"
+
+
+def test_absurd_learning_rate_stops_with_floating_point_error(tmp_path):
+    """SOLVER.BASE_LR 1e30: the first step makes the weights ~1e27 (finite, saved with
+    iteration 0), the next forward pass gives NaN: FloatingPointError naming iteration 1 and the
+    losses, not scipy's ValueError from inside the matcher, and no checkpoint of iteration 1."""
+    trainer = make_trainer(tmp_path, "SOLVER.BASE_LR", "1e30", "SOLVER.MAX_ITER", "3",
+                           "SOLVER.CHECKPOINT_PERIOD", "1")
+    with pytest.raises(FloatingPointError) as exc:
+        trainer.train()
+    msg = str(exc.value)
+    assert "iteration=1" in msg and "Non-finite model outputs before Hungarian matching" in msg
+    assert "loss_focal" in msg and "loss_dice" in msg
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["model_0000000.pth"]
+    assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000000.pth"
+    state = torch.load(tmp_path / "model_0000000.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -1,5 +1,6 @@
 """train_net.py end to end, in subprocesses, as users run it: train + checkpoint, --resume,
---eval-only reproducing the in-training evaluation."""
+--eval-only reproducing the in-training evaluation, strict JSON outputs, and a fresh run in a
+folder holding an earlier run (refused, or moved aside with OUTPUT_DIR_EXISTING move)."""
 import json
 import math
 import shutil
@@ -19,16 +20,40 @@ TINY = [
 CONFIG = "configs/nuclei/isda_R18_tiny.yaml"
 
 
+def run_train_net(*args, timeout=600):
+    cmd = [sys.executable, "train_net.py", "--config-file", CONFIG, *args]
+    return cmd, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def train_net(*args, timeout=600):
     """Run train_net.py; flags (--resume, --eval-only) must come before KEY VALUE pairs."""
-    cmd = [sys.executable, "train_net.py", "--config-file", CONFIG, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    cmd, proc = run_train_net(*args, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
 
 
+def _refuse(token):
+    raise ValueError(f"not JSON: bare {token} token")
+
+
+def strict_loads(text):
+    """json.loads that refuses NaN / Infinity tokens (as most JSON parsers do)."""
+    return json.loads(text, parse_constant=_refuse)
+
+
 def read_metrics(out: Path):
-    return [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    return [strict_loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+
+
+def same(a, b):
+    """Two metrics equal, an undefined one (null) only to another undefined one."""
+    if a is None or b is None:
+        return a is None and b is None
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
+
+
+def snapshot(folder: Path):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +93,40 @@ def test_eval_only_reproduces_the_training_evaluation(first_run, tmp_path):
     ev = tmp_path / "eval"
     train_net("--eval-only", *TINY, "MODEL.WEIGHTS", str(out / "model_final.pth"),
               "OUTPUT_DIR", str(ev))
-    res = json.loads((ev / "inference" / "results.json").read_text())["results"]["segm"]
-    for key in ("AP", "AP50", "AP75"):
-        a, b = res[key], in_training[f"segm/{key}"]
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9), key
+    res = strict_loads((ev / "inference" / "results.json").read_text())["results"]["segm"]
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert same(res[key], in_training[f"segm/{key}"]), key
+
+
+def test_fresh_run_in_a_folder_with_an_earlier_run_is_refused_and_changes_nothing(first_run,
+                                                                                   tmp_path):
+    out, _ = first_run
+    work = tmp_path / "again"
+    shutil.copytree(out, work)
+    before = snapshot(work)
+    cmd, proc = run_train_net(*TINY, "SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0",
+                              "OUTPUT_DIR", str(work))
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "EarlierRunError" in last, last
+    assert "--resume" in last and "OUTPUT_DIR_EXISTING move" in last and "losses.jsonl" in last
+    assert snapshot(work) == before  # not a byte changed: losses.jsonl, metrics.json, log.txt...
+
+
+def test_fresh_run_with_output_dir_existing_move_keeps_the_earlier_run_aside(first_run, tmp_path):
+    out, _ = first_run
+    work = tmp_path / "again"
+    shutil.copytree(out, work)
+    before = snapshot(work)
+    log = train_net(*TINY, "SOLVER.MAX_ITER", "1", "TEST.EVAL_PERIOD", "0",
+                    "OUTPUT_DIR", str(work), "OUTPUT_DIR_EXISTING", "move")
+    moved = [p for p in work.iterdir() if p.name.startswith("previous-")]
+    assert len(moved) == 1 and f"into '{moved[0]}'" in log
+    # the earlier run, byte for byte, in previous-<timestamp>/
+    assert snapshot(moved[0]) == before
+    # the new run's records hold the new run only
+    rows = [strict_loads(x) for x in (work / "losses.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0]
+    assert [r["iteration"] for r in read_metrics(work) if "total_loss" in r] == [0]
+    assert (work / "last_checkpoint").read_text().strip() == "model_final.pth"
+    assert sorted(p.name for p in work.glob("*.pth")) == ["model_final.pth"]
