@@ -47,7 +47,6 @@ import isda  # noqa: F401  (registers the meta-architecture and the embedded dat
 from isda import add_isda_config
 from isda.data.dataset_mapper import ISDADatasetMapper
 from isda.solver import build_isda_optimizer
-from isda.utils.cpu_allocator import keep_freed_memory
 from isda.utils.env import detectron2_has_compiled_ops
 from isda.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
                              ISDACheckpointer as Checkpointer, atomic_write_text,
@@ -308,8 +307,6 @@ def setup(args):
                       f"MODEL.DEVICE={cfg.MODEL.DEVICE}")
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
-    if cfg.MODEL.DEVICE == "cpu":
-        keep_freed_memory()  # no page faults for re-allocated activations (isda/utils/cpu_allocator.py)
     moved = None
     if not getattr(args, "eval_only", False) and comm.is_main_process():
         # before default_setup writes config.yaml and log.txt into OUTPUT_DIR

@@ -51,6 +51,11 @@ def add_isda_config(cfg):
     # from an ImageNet backbone or a converted Deformable DETR is partial). docs/checkpoints.md
     isda.ALLOW_PARTIAL_WEIGHTS = False
 
+    # CPU speed-ups (isda/cpu_fast_paths.py: oneDNN token Linear layers, compiled dropout, glibc
+    # keep-freed-memory policy), applied to the built model when MODEL.DEVICE is the CPU; False
+    # keeps the paper's plain modules (same parameters and checkpoints either way)
+    cfg.MODEL.CPU_FAST_PATHS = True
+
     # solver extras (read by the trainer)
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import isda.layers.ms_deform_attn as msda
+import isda.layers.ms_deform_attn_backend as msda_backend
 from isda.layers.ms_deform_attn import (
     MSDeformAttn,
     MSDeformAttnFunction,
@@ -262,8 +263,8 @@ def test_validation_errors_name_the_argument():
 # ------------------------------------------------------------------------------------------
 def test_fallback_warns_once_when_extension_missing(monkeypatch):
     args = _inputs([(3, 4)], N=1, Lq=2, M=1, D=2, P=1)
-    monkeypatch.setattr(msda, "_load_extension", lambda: None)
-    monkeypatch.setattr(msda, "_warned_fallback", False)
+    monkeypatch.setattr(msda_backend, "load_extension", lambda: None)
+    monkeypatch.setattr(msda_backend, "_warned_fallback", False)
     with set_backend("auto"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

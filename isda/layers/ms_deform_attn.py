@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention (Deformable DETR's op and module).
+"""Multi-scale deformable attention (Deformable DETR's op and module), side by side: the
+autograd Function of the compiled op, its pure-PyTorch ``grid_sample`` reference and the module.
 
 Shapes (the contract shared with Deformable DETR):
 
@@ -12,30 +13,13 @@ Shapes (the contract shared with Deformable DETR):
 Sampling is bilinear with zero padding and ``align_corners=False`` (pixel centres at +0.5),
 exactly ``F.grid_sample(value_l, 2 * loc - 1, "bilinear", "zeros", align_corners=False)``.
 
-Two implementations: the compiled extension ``isda._C`` (CPU, and CUDA when built with it) and
-the pure-PyTorch :func:`ms_deform_attn_reference`. :func:`ms_deform_attn` picks one according to
-the backend switch (:func:`set_backend` or the ``ISDA_MSDA_BACKEND`` environment variable:
-``auto`` | ``compiled`` | ``reference``). With ``auto`` a missing extension, or a CUDA tensor with
-an extension built without CUDA, falls back to the reference with a single warning.
-
-Validation and device-to-host copies: every call checks the inputs' types, dtypes, devices and
-shapes (tensor metadata, free on any device). The checks that need the *values* of
-``spatial_shapes`` and ``level_start_index`` (non-negative sizes summing to S, starts equal to the
-exclusive cumsum) run on CPU tensors only: on the GPU they would copy to the host and synchronise
-every call. The compiled CUDA path therefore makes no device-to-host copy (checked by
-``tests/test_gpu.py``). Wrong level metadata on the GPU makes the kernels read out of bounds, so
-to debug, turn the value checks on for every device with ``ISDA_MSDA_VALIDATE=1`` or
-:func:`set_validation` (``set_validation(True)``, or ``with set_validation(True): ...``). The
-reference implementation needs the level sizes on the host anyway (one copy per call).
-
-FLOP counting: fvcore traces the custom autograd Function as the op
-``prim::PythonOp.MSDeformAttnFunction``; register :func:`ms_deform_attn_flop_jit` for it, e.g.
-``FlopCountAnalysis(model, inputs).set_op_handle(**flop_count_handles())``.
+:func:`ms_deform_attn` runs the compiled op or the reference as the backend switch says
+(:mod:`~isda.layers.ms_deform_attn_backend`: ``auto`` falls back to the reference when the
+extension is missing), after the input checks of :mod:`~isda.layers.ms_deform_attn_checks`
+(no device-to-host copy on the GPU). FLOP counting for fvcore:
+:mod:`~isda.layers.ms_deform_attn_flops`.
 """
 import math
-import os
-import warnings
-from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +27,17 @@ from torch import nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from .token_linear import TokenLinear
+from .ms_deform_attn_backend import (compiled_available, get_backend, load_extension,
+                                     set_backend, use_compiled)
+from .ms_deform_attn_checks import get_validation, promoted_dtypes, set_validation, validate_inputs
+from .ms_deform_attn_flops import TRACED_OP_NAME, flop_count_handles, ms_deform_attn_flop_jit
 
 __all__ = [
     "MSDeformAttn",
     "MSDeformAttnFunction",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    # re-exported from the backend, checks and FLOP modules
     "set_backend",
     "get_backend",
     "set_validation",
@@ -59,197 +47,6 @@ __all__ = [
     "flop_count_handles",
     "TRACED_OP_NAME",
 ]
-
-#: Name under which ``torch.jit.trace`` (and hence fvcore) records the compiled op.
-TRACED_OP_NAME = "prim::PythonOp.MSDeformAttnFunction"
-
-_BACKENDS = ("auto", "compiled", "reference")
-_backend = os.environ.get("ISDA_MSDA_BACKEND", "auto").strip().lower() or "auto"
-if _backend not in _BACKENDS:
-    warnings.warn(f"ISDA_MSDA_BACKEND={_backend!r} is not one of {_BACKENDS}; using 'auto'")
-    _backend = "auto"
-_warned_fallback = False
-
-
-# --------------------------------------------------------------------------------------------
-# backend switch
-# --------------------------------------------------------------------------------------------
-class set_backend:
-    """Select the implementation: ``"auto"`` (compiled if usable, else reference),
-    ``"compiled"`` (error if unusable) or ``"reference"``.
-
-    Takes effect immediately; used as a context manager it restores the previous backend on exit::
-
-        with set_backend("reference"):
-            out = attn(...)
-    """
-
-    def __init__(self, name: str):
-        global _backend
-        name = str(name).strip().lower()
-        if name not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-        self.previous = _backend
-        _backend = name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        global _backend
-        _backend = self.previous
-        return False
-
-
-def get_backend() -> str:
-    """The current backend name (``auto``, ``compiled`` or ``reference``)."""
-    return _backend
-
-
-def _load_extension():
-    try:
-        from isda import _C
-    except ImportError:
-        return None
-    if not hasattr(_C, "ms_deform_attn_forward"):
-        return None
-    return _C
-
-
-def compiled_available(device: Any = "cpu") -> bool:
-    """Whether the compiled op can run on ``device``."""
-    ext = _load_extension()
-    if ext is None:
-        return False
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return True
-    if dev.type == "cuda":
-        return bool(ext.has_cuda())
-    return False
-
-
-def _use_compiled(device: torch.device) -> bool:
-    global _warned_fallback
-    if _backend == "reference":
-        return False
-    usable = compiled_available(device)
-    if _backend == "compiled":
-        if not usable:
-            raise RuntimeError(
-                f"ISDA's compiled deformable attention is not available for device {device}: "
-                "build it with `pip install --no-build-isolation -e .` (see docs/troubleshooting.md)"
-            )
-        return True
-    if not usable and not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"ISDA's compiled deformable attention is unavailable for device {device}; falling back "
-            "to the slower pure-PyTorch grid_sample implementation (see docs/troubleshooting.md)."
-        )
-    return usable
-
-
-# --------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------
-_validate_values = os.environ.get("ISDA_MSDA_VALIDATE", "0").strip().lower() in (
-    "1", "true", "yes", "on")
-
-
-class set_validation:
-    """Check the values of ``spatial_shapes``/``level_start_index`` on every device (``True``,
-    a debug switch: a device-to-host copy per call on the GPU) or on CPU tensors only (``False``,
-    the default unless ``ISDA_MSDA_VALIDATE=1``). Shape, dtype and device checks always run.
-
-    Takes effect immediately; used as a context manager it restores the previous setting on exit.
-    """
-
-    def __init__(self, enabled: bool = True):
-        global _validate_values
-        self.previous = _validate_values
-        _validate_values = bool(enabled)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        global _validate_values
-        _validate_values = self.previous
-        return False
-
-
-def get_validation() -> bool:
-    """Whether the value checks also run on non-CPU tensors (see :class:`set_validation`)."""
-    return _validate_values
-
-
-def _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Check shapes, dtypes and devices; raise ValueError naming the offending argument.
-
-    The level metadata's values are checked on CPU tensors, elsewhere only when
-    :func:`get_validation` is on (they would need a device-to-host copy)."""
-    named = {
-        "value": value,
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
-        "sampling_locations": sampling_locations,
-        "attention_weights": attention_weights,
-    }
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name in ("value", "sampling_locations", "attention_weights"):
-        if not named[name].is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {named[name].dtype}")
-    for name in ("spatial_shapes", "level_start_index"):
-        t = named[name]
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor (int64), got {t.dtype}")
-    for name, t in named.items():
-        if t.device != value.device:
-            raise ValueError(f"{name} is on {t.device} but value is on {value.device}; "
-                             "all inputs must be on the same device")
-    if value.dim() != 4:
-        raise ValueError(f"value must be [N, S, M, D], got shape {tuple(value.shape)}")
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f"spatial_shapes must be [L, 2], got shape {tuple(spatial_shapes.shape)}")
-    L = spatial_shapes.shape[0]
-    if level_start_index.shape != (L,):
-        raise ValueError(f"level_start_index must be [L] = [{L}] (L from spatial_shapes), "
-                         f"got shape {tuple(level_start_index.shape)}")
-    N, S, M, _ = value.shape
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError("sampling_locations must be [N, Lq, M, L, P, 2], got shape "
-                         f"{tuple(sampling_locations.shape)}")
-    n, lq, m, l, p, _ = sampling_locations.shape
-    if (n, m, l) != (N, M, L):
-        raise ValueError(f"sampling_locations shape {tuple(sampling_locations.shape)} does not match "
-                         f"N={N}, M={M} of value and L={L} of spatial_shapes")
-    if attention_weights.shape != (n, lq, m, l, p):
-        raise ValueError(f"attention_weights must be [N, Lq, M, L, P] = {[n, lq, m, l, p]}, got "
-                         f"shape {tuple(attention_weights.shape)}")
-    if value.device.type != "cpu" and not _validate_values:
-        return
-    shapes = spatial_shapes.detach().cpu().to(torch.int64)
-    if (shapes < 0).any():
-        raise ValueError(f"spatial_shapes must be non-negative, got {shapes.tolist()}")
-    sizes = shapes[:, 0] * shapes[:, 1]
-    if int(sizes.sum()) != S:
-        raise ValueError(f"value has S={S} positions but spatial_shapes {shapes.tolist()} sums "
-                         f"to {int(sizes.sum())}")
-    expected = torch.cumsum(sizes, 0) - sizes
-    if not torch.equal(level_start_index.detach().cpu().to(torch.int64), expected):
-        raise ValueError(f"level_start_index {level_start_index.tolist()} must be the exclusive "
-                         f"cumsum of H*W, i.e. {expected.tolist()}")
-
-
-def _dtypes(value, sampling_locations, attention_weights):
-    """(output dtype, compute dtype): the promoted float type; half/bfloat16 compute in float32."""
-    out = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
-                              attention_weights.dtype)
-    compute = torch.float32 if out in (torch.float16, torch.bfloat16) else out
-    return out, compute
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,8 +59,8 @@ def ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_
     value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
     sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P] -> [N, Lq, M*D].
     """
-    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    out_dtype, _ = _dtypes(value, sampling_locations, attention_weights)
+    validate_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out_dtype, _ = promoted_dtypes(value, sampling_locations, attention_weights)
     value = value.to(out_dtype)
     sampling_locations = sampling_locations.to(out_dtype)
     attention_weights = attention_weights.to(out_dtype)
@@ -296,8 +93,8 @@ class MSDeformAttnFunction(Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations,
                 attention_weights):
-        ext = _load_extension()
-        out_dtype, compute = _dtypes(value, sampling_locations, attention_weights)
+        ext = load_extension()
+        out_dtype, compute = promoted_dtypes(value, sampling_locations, attention_weights)
         ctx.in_dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
         # half/bfloat16 are upcast here (the extension would do it too) so the saved tensors
         # are ready for the backward; results are cast back to the promoted input dtype.
@@ -313,7 +110,7 @@ class MSDeformAttnFunction(Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        ext = _load_extension()
+        ext = load_extension()
         value_c, shapes, starts, loc_c, attn_c = ctx.saved_tensors
         grad_output = grad_output.to(value_c.dtype).contiguous()
         grad_value, grad_loc, grad_attn = ext.ms_deform_attn_backward(
@@ -329,42 +126,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     value [N, S, M, D], spatial_shapes [L, 2] int64, level_start_index [L] int64,
     sampling_locations [N, Lq, M, L, P, 2], attention_weights [N, Lq, M, L, P] -> [N, Lq, M*D].
     """
-    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if _use_compiled(value.device):
+    validate_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if use_compiled(value.device):
         return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights)
-
-
-# --------------------------------------------------------------------------------------------
-# FLOP count for fvcore
-# --------------------------------------------------------------------------------------------
-def _shape(v) -> List[int]:
-    t = v.type()
-    sizes = t.sizes() if hasattr(t, "sizes") else None
-    return list(sizes) if sizes is not None else []
-
-
-def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore handle for ``prim::PythonOp.MSDeformAttnFunction``.
-
-    Counts multiply-adds (fvcore's convention): per sample point and channel, 4 for the bilinear
-    corners plus 1 for the attention weight, i.e. ``5 * N * Lq * M * L * P * D``.
-    Inputs are (value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
-    """
-    value_shape = _shape(inputs[0])
-    loc_shape = _shape(inputs[3])
-    if len(value_shape) != 4 or len(loc_shape) != 6:
-        return 0
-    N, _, M, D = value_shape
-    _, Lq, _, L, P, _ = loc_shape
-    return 5 * N * Lq * M * L * P * D
-
-
-def flop_count_handles() -> Dict[str, Any]:
-    """``{TRACED_OP_NAME: ms_deform_attn_flop_jit}`` for ``FlopCountAnalysis.set_op_handle``."""
-    return {TRACED_OP_NAME: ms_deform_attn_flop_jit}
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +155,10 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
-        self.sampling_offsets = TokenLinear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = TokenLinear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = TokenLinear(d_model, d_model)
-        self.output_proj = TokenLinear(d_model, d_model)
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
 
     def _reset_parameters(self):

@@ -9,13 +9,12 @@ arithmetic, different summation order (results agree to float rounding).
 
 :class:`TokenLinear` is a drop-in subclass of ``nn.Linear`` (same parameters, state dict and
 initialisation); it takes the convolution path for float32 CPU inputs with at least
-``MIN_ROWS`` rows when oneDNN is available (set ``ISDA_TOKEN_LINEAR=0`` to disable), and
-``F.linear`` otherwise (GPU, small inputs, other dtypes).
+``MIN_ROWS`` rows when oneDNN is available, and ``F.linear`` otherwise (GPU, small inputs,
+other dtypes). The model uses it only after :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths`
+(config key ``MODEL.CPU_FAST_PATHS``).
 
 Shapes: input [..., C_in] -> [..., C_out].
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,11 +22,10 @@ from torch import nn
 __all__ = ["TokenLinear", "token_linear"]
 
 MIN_ROWS = 1024
-_enabled = os.environ.get("ISDA_TOKEN_LINEAR", "1").strip() not in ("0", "false", "False")
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
-    return (_enabled and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1]
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

@@ -2,9 +2,8 @@
 import torch
 from torch import nn
 
-from ..layers.token_linear import TokenLinear
-from ..layers.dropout import FastDropout
-from .deformable_encoder import _activation, _msdeform_attn, feed_forward
+from ..layers.ms_deform_attn import MSDeformAttn
+from .transformer_blocks import ActivationDropout
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -14,16 +13,15 @@ class DeformableDecoderLayer(nn.Module):
                  n_heads=8, n_points=4):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout1 = FastDropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
-        self.dropout2 = FastDropout(dropout)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
-        self.linear1 = TokenLinear(d_model, d_ffn)
-        self.activation = _activation(activation)
-        self.dropout3 = FastDropout(dropout)
-        self.linear2 = TokenLinear(d_ffn, d_model)
-        self.dropout4 = FastDropout(dropout)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation_dropout = ActivationDropout(activation, dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
@@ -35,7 +33,7 @@ class DeformableDecoderLayer(nn.Module):
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                level_start_index, memory_padding_mask)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
-        tgt2 = feed_forward(tgt, self.linear1, self.activation, self.dropout3, self.linear2)
+        tgt2 = self.linear2(self.activation_dropout(self.linear1(tgt)))
         return self.norm3(tgt + self.dropout4(tgt2))
 
 

@@ -1,31 +1,9 @@
 """Deformable transformer encoder over the flattened multi-scale maps P3..P6."""
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from ..layers.token_linear import TokenLinear
-from ..layers.dropout import FastDropout, relu_dropout
-
-
-def _activation(name):
-    return {"relu": F.relu, "gelu": F.gelu}[name]
-
-
-def feed_forward(x, linear1, activation, dropout: FastDropout, linear2):
-    """linear2(dropout(activation(linear1(x)))); ReLU and dropout fused in one pass."""
-    h = linear1(x)
-    if activation is F.relu:
-        h = relu_dropout(h, dropout.p, dropout.training)
-    else:
-        h = dropout(activation(h))
-    return linear2(h)
-
-
-def _msdeform_attn(d_model, n_levels, n_heads, n_points):
-    # imported lazily: the op lives in isda.layers and may be swapped for a compiled kernel
-    from ..layers.ms_deform_attn import MSDeformAttn
-
-    return MSDeformAttn(d_model, n_levels, n_heads, n_points)
+from ..layers.ms_deform_attn import MSDeformAttn
+from .transformer_blocks import ActivationDropout
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -34,14 +12,13 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, activation="relu", n_levels=4,
                  n_heads=8, n_points=4):
         super().__init__()
-        self.self_attn = _msdeform_attn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = FastDropout(dropout)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = TokenLinear(d_model, d_ffn)
-        self.activation = _activation(activation)
-        self.dropout2 = FastDropout(dropout)
-        self.linear2 = TokenLinear(d_ffn, d_model)
-        self.dropout3 = FastDropout(dropout)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation_dropout = ActivationDropout(activation, dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
@@ -49,7 +26,7 @@ class DeformableEncoderLayer(nn.Module):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = feed_forward(src, self.linear1, self.activation, self.dropout2, self.linear2)
+        src2 = self.linear2(self.activation_dropout(self.linear1(src)))
         return self.norm2(src + self.dropout3(src2))
 
 

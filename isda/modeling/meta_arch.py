@@ -45,7 +45,11 @@ class ISDA(nn.Module):
     @configurable
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
-                 pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25):
+                 pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
+                 cpu_fast_paths=False):
+        """``cpu_fast_paths``: convert the built model with
+        :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
+        CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch."""
         super().__init__()
         self.backbone = backbone
         self.in_features = in_features
@@ -66,6 +70,10 @@ class ISDA(nn.Module):
         self.chunk_pixels = chunk_pixels
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        if cpu_fast_paths:
+            from ..cpu_fast_paths import convert_to_cpu_fast_paths  # the one place they live
+
+            convert_to_cpu_fast_paths(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -103,6 +111,7 @@ class ISDA(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
             "chunk_pixels": c.TEST.CHUNK_PIXELS,
+            "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
         }
 
     @property
