@@ -74,8 +74,11 @@ def _cfg(config, opts):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Model with its weights file, one export in both formats through the command line."""
-    torch.set_num_threads(2)
+    """Model with its weights file, one export in both formats through the command line.
+    One intra-op thread for both runtimes (as the model tests: on busy shared cores
+    multi-threaded kernels made these small workloads many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("export")
     config = os.environ.get("ISDA_EXPORT_TEST_CONFIG")
     weights = os.environ.get("ISDA_EXPORT_TEST_WEIGHTS")
@@ -100,12 +103,13 @@ def setup(tmp_path_factory):
     assert export_model.main(["--config-file", config, "--format", "onnx", "torch_export",
                               "--output", str(out)] + opts) == 0
     onnx_dir, pt2_dir = str(out / "onnx"), str(out / "torch_export")
-    session = OnnxPredictor(onnx_dir, num_threads=2).session
+    session = OnnxPredictor(onnx_dir, num_threads=1).session
     program_predictor = ExportedProgramPredictor(pt2_dir)  # torch.export.load
-    return {"cfg": cfg, "model": model, "weights": weights, "onnx_dir": onnx_dir,
+    yield {"cfg": cfg, "model": model, "weights": weights, "onnx_dir": onnx_dir,
             "pt2_dir": pt2_dir, "session": session, "program": program_predictor.program,
             "module": program_predictor.module, "program_predictor": program_predictor,
             "isda_predictor": ISDAPredictor(cfg)}
+    torch.set_num_threads(threads)
 
 
 def _images(dataset):
@@ -221,7 +225,7 @@ def test_predictors_match_isda_predictor(setup):
     """OnnxPredictor / ExportedProgramPredictor: same call, same resize (MIN_SIZE_TEST 160),
     same Instances as ISDAPredictor."""
     ref = setup["isda_predictor"]
-    onnx_pred = OnnxPredictor(setup["onnx_dir"], num_threads=2)
+    onnx_pred = OnnxPredictor(setup["onnx_dir"], num_threads=1)
     assert onnx_pred.class_names is None or len(onnx_pred.class_names) == 3
     for dataset in ("nuclei_val", "voc_sample"):
         _, rgb = _images(dataset)[1]
@@ -301,7 +305,9 @@ def test_opset_16_export_runs_in_onnxruntime(setup, tmp_path):
     assert [o.version for o in model.opset_import if o.domain == ""] == [16]
     ops = {n.op_type for n in model.graph.node}
     assert "GridSample" in ops and "LayerNormalization" not in ops
-    session16 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session16 = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     for dataset in ("nuclei_val", "voc_sample"):
         _, img = _images(dataset)[0]
         x = network_input(img, 0, 0)
