@@ -3,10 +3,11 @@ from detectron2.config import CfgNode as CN
 
 
 def add_isda_config(cfg):
-    """Add ISDA's keys (``MODEL.ISDA.*``, the solver extras and input defaults) to ``cfg``.
-
-    Defaults follow the authors' R50 setting (see ``docs/model.md``); ``configs/Base-ISDA.yaml``
-    additionally sets the backbone, the pixel normalisation and the schedule.
+    """Add ISDA's own keys (``MODEL.ISDA.*``, ``MODEL.CPU_FAST_PATHS``, the solver and input
+    extras) to ``cfg``, with the authors' R50 setting as defaults (``docs/model.md``). Detectron2's
+    existing keys keep Detectron2's defaults here: ISDA's values for them (backbone, pixel
+    normalisation, input recipe, clipping, schedule) are in ``configs/Base-ISDA.yaml``, the base
+    of every ISDA config.
     """
     cfg.MODEL.ISDA = CN()
     isda = cfg.MODEL.ISDA
@@ -56,25 +57,28 @@ def add_isda_config(cfg):
     # keeps the paper's plain modules (same parameters and checkpoints either way)
     cfg.MODEL.CPU_FAST_PATHS = True
 
-    # solver extras (read by the trainer)
+    # solver extras (read by the trainer; the values of Detectron2's own keys, e.g. the
+    # full-model gradient clipping, are in configs/Base-ISDA.yaml)
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.SAMPLING_OFFSET_MULTIPLIER = 0.1
     cfg.SOLVER.REFERENCE_POINT_MULTIPLIER = 0.1
-    # Detectron2's CLIP_GRADIENTS clips per parameter; "full_model" clips the global L2 norm
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
-    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
-    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
     # a training run started without --resume in an OUTPUT_DIR that holds an earlier run
     # (last_checkpoint, model_*.pth, losses.jsonl, metrics.json): "refuse" (stop, nothing
     # changed) or "move" (the earlier run's files go to OUTPUT_DIR/previous-<timestamp>/ first).
     # docs/reliability.md, "Checkpoints, counters and outputs"
     cfg.OUTPUT_DIR_EXISTING = "refuse"
-    # input pipeline: the DETR augmentation recipe (isda/data/transforms.py)
-    from .data.transforms import add_isda_input_config
-
-    add_isda_input_config(cfg)
+    # input pipeline (isda/data/transforms.py): the DETR recipe's values of Detectron2's keys
+    # (sizes, flip, crop type and size) are in configs/Base-ISDA.yaml; ISDA's own keys:
+    # probability of the crop branch, and the short sides it first resizes to
+    cfg.INPUT.CROP.PROB = 0.5
+    cfg.INPUT.CROP.PRE_RESIZE_SIZES = (400, 500, 600)
+    # a sample that cannot be read or converted during training: "raise" stops with an error
+    # naming the file; "skip" logs it, counts it and moves on
+    cfg.INPUT.BAD_SAMPLE_POLICY = "raise"
+    cfg.INPUT.ISDA = CN()
+    # probability of swapping the image axes (0 for natural images, whose "up" matters)
+    cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.0
     if not hasattr(cfg.SOLVER, "AMP"):
         cfg.SOLVER.AMP = CN({"ENABLED": False})
     return cfg

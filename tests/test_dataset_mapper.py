@@ -13,14 +13,14 @@ from pycocotools import mask as mask_util
 import isda  # noqa: F401
 from isda import add_isda_config
 from isda.data.dataset_mapper import BadSampleError, ISDADatasetMapper
-from isda.data.transforms import (RandomChoice, RandomTranspose, add_isda_input_config,
-                                  build_isda_augmentation)
+from isda.data.transforms import RandomChoice, RandomTranspose, build_isda_augmentation
+from test_model_helpers import ROOT
 
 
 def make_cfg(**input_overrides):
     cfg = get_cfg()
     add_isda_config(cfg)
-    add_isda_input_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "Base-ISDA.yaml"))
     for k, v in input_overrides.items():
         node, key = cfg.INPUT, k
         if "." in k:

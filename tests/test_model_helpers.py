@@ -77,8 +77,14 @@ def test_config_defaults():
     s = cfg.SOLVER
     assert s.OPTIMIZER == "ADAMW"
     assert (s.BACKBONE_MULTIPLIER, s.SAMPLING_OFFSET_MULTIPLIER, s.REFERENCE_POINT_MULTIPLIER) == (0.1,) * 3
-    assert s.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and s.CLIP_GRADIENTS.CLIP_VALUE == 0.1
     assert s.AMP.ENABLED is False
+    assert cfg.MODEL.CPU_FAST_PATHS is True
+    assert (cfg.INPUT.CROP.PROB, cfg.INPUT.CROP.PRE_RESIZE_SIZES) == (0.5, (400, 500, 600))
+    assert cfg.INPUT.BAD_SAMPLE_POLICY == "raise" and cfg.INPUT.ISDA.RANDOM_TRANSPOSE == 0.0
+    # Detectron2's own keys keep Detectron2's defaults: ISDA's values are in Base-ISDA.yaml
+    plain = get_cfg()
+    assert s.CLIP_GRADIENTS.CLIP_TYPE == plain.SOLVER.CLIP_GRADIENTS.CLIP_TYPE
+    assert cfg.INPUT.FORMAT == plain.INPUT.FORMAT and cfg.INPUT.CROP.TYPE == plain.INPUT.CROP.TYPE
 
 
 def test_base_config_matches_reference():
@@ -92,3 +98,10 @@ def test_base_config_matches_reference():
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
     assert cfg.MODEL.BACKBONE.FREEZE_AT == 2
     assert cfg.SOLVER.BASE_LR == 1.25e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    assert clip.ENABLED and clip.CLIP_TYPE == "full_model" and clip.CLIP_VALUE == 0.1
+    i = cfg.INPUT
+    assert i.MIN_SIZE_TRAIN == tuple(range(480, 801, 32)) and i.MAX_SIZE_TRAIN == 1333
+    assert (i.MIN_SIZE_TEST, i.MAX_SIZE_TEST, i.RANDOM_FLIP) == (800, 1333, "horizontal")
+    assert i.CROP.ENABLED and i.CROP.TYPE == "absolute_range" and list(i.CROP.SIZE) == [384, 600]
+    assert (i.CROP.PROB, i.CROP.PRE_RESIZE_SIZES) == (0.5, (400, 500, 600))

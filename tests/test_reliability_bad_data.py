@@ -17,6 +17,7 @@ from pycocotools import mask as mask_util
 import isda  # noqa: F401
 from isda import add_isda_config
 from isda.data.dataset_mapper import BadSampleError, ISDADatasetMapper
+from test_model_helpers import ROOT
 
 from detectron2.config import get_cfg
 
@@ -25,6 +26,7 @@ def mapper(short_side, is_train=True, num_classes=20, max_size=10000):
     """Identity-size pipeline (no flip, no crop) resizing the short side to ``short_side``."""
     cfg = get_cfg()
     add_isda_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / "Base-ISDA.yaml"))
     cfg.INPUT.RANDOM_FLIP = "none"
     cfg.INPUT.CROP.ENABLED = False
     cfg.INPUT.MIN_SIZE_TRAIN = (short_side,)

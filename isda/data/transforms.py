@@ -12,7 +12,6 @@ Test: resize the short side to ``INPUT.MIN_SIZE_TEST`` (long side <= ``INPUT.MAX
 from typing import List, Sequence
 
 import numpy as np
-from detectron2.config import CfgNode as CN
 from detectron2.data import transforms as T
 
 
@@ -74,29 +73,6 @@ class RandomChoice(T.Augmentation):
 
     def __repr__(self):
         return f"RandomChoice({self.choices}, probs={self.probs.tolist()})"
-
-
-def add_isda_input_config(cfg) -> None:
-    """Input keys of the DETR augmentation recipe (defaults: the ISDA paper's COCO setting)."""
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.INPUT.MIN_SIZE_TRAIN = tuple(range(480, 801, 32))
-    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
-    cfg.INPUT.MAX_SIZE_TRAIN = 1333
-    cfg.INPUT.MIN_SIZE_TEST = 800
-    cfg.INPUT.MAX_SIZE_TEST = 1333
-    cfg.INPUT.RANDOM_FLIP = "horizontal"
-    cfg.INPUT.CROP.ENABLED = True
-    cfg.INPUT.CROP.TYPE = "absolute_range"
-    cfg.INPUT.CROP.SIZE = [384, 600]
-    cfg.INPUT.CROP.PROB = 0.5
-    cfg.INPUT.CROP.PRE_RESIZE_SIZES = (400, 500, 600)
-    # What to do with a sample that cannot be read or converted during training:
-    # "raise" stops with an error naming the file; "skip" logs it, counts it and moves on.
-    cfg.INPUT.BAD_SAMPLE_POLICY = "raise"
-    if not hasattr(cfg.INPUT, "ISDA"):
-        cfg.INPUT.ISDA = CN()
-    # Probability of swapping the image axes (0 for natural images, whose "up" matters).
-    cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.0
 
 
 def build_isda_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
