@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isda_vs_maskrcnn import build, infer, make_input, parse_size, set_threads  # noqa: E402
+from r50_models import build, infer, make_input, parse_size, set_threads  # noqa: E402
 
 MODULE_STAGES = (("backbone", "backbone"), ("channel mapper", "mapper"), ("encoder", "encoder"),
                  ("decoder", "decoder"), ("mask-feature head", "mask_head"), ("heads", "heads"),

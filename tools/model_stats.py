@@ -26,18 +26,6 @@ from isda.layers import flop_count_handles  # noqa: E402
 from isda.modeling.heads import predict_masks  # noqa: E402
 
 
-def _sdpa_flop_jit(inputs, outputs):
-    """fvcore handle for aten::scaled_dot_product_attention (query-key and attention-value
-    products, multiply-adds): q [.., L, E], k [.., S, E], v [.., S, Ev]."""
-    q = inputs[0].type().sizes()
-    k = inputs[1].type().sizes()
-    v = inputs[2].type().sizes()
-    batch = 1
-    for d in q[:-2]:
-        batch *= d
-    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
-
-
 class _Network(nn.Module):
     """image [3, H, W] -> (class logits [Q, K], mask logits [Q, H/s, W/s]) of the last layer."""
 
@@ -75,7 +63,7 @@ def main(argv=None):
 
     image = torch.zeros(3, *args.size)
     flops = FlopCountAnalysis(_Network(model), (image,)).set_op_handle(
-        **flop_count_handles(), **{"aten::scaled_dot_product_attention": _sdpa_flop_jit})
+        **flop_count_handles())
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_module = flops.by_module()
     report = {

@@ -1,12 +1,13 @@
-"""FLOP counting of multi-scale deformable attention for fvcore.
+"""FLOP counting of ISDA's attention ops for fvcore (multiply-adds, fvcore's convention).
 
-fvcore traces the custom autograd Function as the op ``prim::PythonOp.MSDeformAttnFunction``;
-register :func:`ms_deform_attn_flop_jit` for it, e.g.
+fvcore traces the custom autograd Function as the op ``prim::PythonOp.MSDeformAttnFunction``
+and the decoder's self-attention as ``aten::scaled_dot_product_attention``, neither of which it
+counts by itself: register the handles of :func:`flop_count_handles`, e.g.
 ``FlopCountAnalysis(model, inputs).set_op_handle(**flop_count_handles())``.
 """
 from typing import Any, Dict, List
 
-__all__ = ["TRACED_OP_NAME", "ms_deform_attn_flop_jit", "flop_count_handles"]
+__all__ = ["TRACED_OP_NAME", "ms_deform_attn_flop_jit", "sdpa_flop_jit", "flop_count_handles"]
 
 #: Name under which ``torch.jit.trace`` (and hence fvcore) records the compiled op.
 TRACED_OP_NAME = "prim::PythonOp.MSDeformAttnFunction"
@@ -34,6 +35,18 @@ def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return 5 * N * Lq * M * L * P * D
 
 
+def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: the query-key and
+    attention-value products, q [.., L, E], k [.., S, E], v [.., S, Ev] -> ``B L S (E + Ev)``."""
+    q, k, v = (_shape(inputs[i]) for i in range(3))
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
 def flop_count_handles() -> Dict[str, Any]:
-    """``{TRACED_OP_NAME: ms_deform_attn_flop_jit}`` for ``FlopCountAnalysis.set_op_handle``."""
-    return {TRACED_OP_NAME: ms_deform_attn_flop_jit}
+    """fvcore op handles of the deformable attention op and scaled-dot-product attention, for
+    ``FlopCountAnalysis.set_op_handle``."""
+    return {TRACED_OP_NAME: ms_deform_attn_flop_jit,
+            "aten::scaled_dot_product_attention": sdpa_flop_jit}
