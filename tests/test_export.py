@@ -274,6 +274,33 @@ def test_plain_form_keeps_weights_and_function(setup):
     compare_instances(ra, outputs_to_instances(*raw, x.shape[-2:]))
 
 
+@pytest.mark.parametrize("opts", [["MODEL.ISDA.MASK_STRIDE", "8"], ["MODEL.ISDA.MASK_STRIDE", "2"],
+                                  ["MODEL.ISDA.MASK_FEATURE_SOURCE", "encoder"],
+                                  ["MODEL.ISDA.MASK_COORDS", "False",
+                                   "MODEL.ISDA.KERNEL_REF_POINTS", "False"]])
+def test_exportable_form_of_the_ablation_variants(opts):
+    """ExportableISDA + outputs_to_instances == the model, eagerly, for every switch of
+    docs/model.md (the exported graphs are these functions)."""
+    torch.manual_seed(0)
+    config = os.path.join(ROOT, "configs", "nuclei", "isda_R18_tiny.yaml")
+    cfg = _cfg(config, TINY + ["MODEL.ISDA.ENC_LAYERS", "1", "MODEL.ISDA.DEC_LAYERS", "1"] + opts)
+    model = build_model(cfg).eval()
+    _, img = _images("nuclei_val")[2]
+    x = torch.from_numpy(network_input(img, 0, 0)[0][:, :, :100])  # 128x100
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = model([{"image": x}])[0]["instances"]
+            raw = ExportableISDA(model)(x[None])
+    finally:
+        torch.set_num_threads(threads)
+    assert raw[2].shape[-2:] == tuple(-(-n // 32) * 32 // cfg.MODEL.ISDA.MASK_STRIDE
+                                      for n in x.shape[-2:])
+    compare_instances(ref, outputs_to_instances(*raw, x.shape[-2:], None,
+                                                cfg.MODEL.ISDA.MASK_STRIDE))
+
+
 def test_export_attention_matches_reference_and_compiled():
     g = torch.Generator().manual_seed(0)
     shapes = [(13, 17), (7, 9), (4, 5), (2, 3)]
