@@ -27,7 +27,8 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
-from isda import add_isda_config  # noqa: E402
+from isda import add_isda_config
+from isda.utils.setup_file import run_setup_file  # noqa: E402
 from isda.checkpoint import CheckpointError  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -48,7 +49,9 @@ where the drawings go:
                      inputs it is an error (give a folder).
   --output FILE{VIDEO_EXTENSION}  for --video-input (MP4 container, mp4v codec).
   Any other extension (e.g. 'out.txt') is an error; end a folder name with '/' to use it.
-Images are written in the format of their file extension; an input whose extension is not
+Images whose short side is below 512 px are drawn enlarged to 512 px (at most 4x) so that the
+labels stay readable; videos keep their size. Images are written in the format of their file
+extension; an input whose extension is not
 one of the above gets '.png' appended. An image given twice (e.g. by a folder and a pattern) is
 processed once. An output path that is an input file, two inputs with the same output, or an
 output path that is an existing folder is refused before anything is written (exit status 2,
@@ -88,8 +91,14 @@ def get_parser():
     parser.add_argument("--video-input", metavar="FILE", help="a video file")
     parser.add_argument("--output", help="output folder, or a file for one image or a video "
                                          "(rules below)")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="minimum score of the instances drawn")
+    parser.add_argument("--confidence-threshold", type=float, default=0.3,
+                        help="minimum score of the instances drawn (default 0.3: an ISDA score is "
+                             "the class probability times the mean mask probability inside the "
+                             "mask, lower than a box detector's; the true detections of the "
+                             "nuclei model score 0.3-0.5)")
+    parser.add_argument("--setup-file", metavar="FILE",
+                        help="a Python file run first, e.g. your dataset registrations, so that "
+                             "DATASETS.TEST names the classes (docs/custom_dataset.md)")
     parser.add_argument("--allow-random-weights", action="store_true",
                         help="run even though MODEL.WEIGHTS is empty (random, untrained model)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -319,6 +328,7 @@ def main(argv=None):
     if bool(args.input) == bool(args.video_input):
         parser.error("give either --input or --video-input")
     try:
+        run_setup_file(args.setup_file)
         cfg = setup_cfg(args)
         check_weights(cfg, args.allow_random_weights, logger)
         if args.input:

@@ -20,6 +20,16 @@ def dataset_metadata(cfg):
     return meta
 
 
+#: Drawings of images whose short side is below this are enlarged to it (at most 4x), so that
+#: labels and outlines stay readable on small images (e.g. 128 px microscopy tiles).
+MIN_DRAWING_SIDE = 512
+
+
+def drawing_scale(height: int, width: int) -> float:
+    """Scale of the drawing of a ``height`` x ``width`` image (1 for large images)."""
+    return max(1.0, min(4.0, MIN_DRAWING_SIDE / max(1, min(height, width))))
+
+
 class VisualizationDemo:
     """Predict and draw: :meth:`run_on_image` for one image, :meth:`run_on_video` per frame."""
 
@@ -42,7 +52,8 @@ class VisualizationDemo:
         (kept Instances, VisImage)."""
         instances = self._predict(image, self.image_format)
         rgb = image if self.image_format == "RGB" else image[:, :, ::-1]
-        vis = Visualizer(rgb, self.metadata, instance_mode=self.instance_mode)
+        vis = Visualizer(rgb, self.metadata, scale=drawing_scale(*rgb.shape[:2]),
+                         instance_mode=self.instance_mode)
         return instances, vis.draw_instance_predictions(instances)
 
     def run_on_video_with_instances(self, video):

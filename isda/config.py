@@ -1,4 +1,7 @@
 """ISDA's configuration keys (``add_isda_config``)."""
+import logging
+
+import torch
 from detectron2.config import CfgNode as CN
 
 
@@ -82,3 +85,17 @@ def add_isda_config(cfg):
     if not hasattr(cfg.SOLVER, "AMP"):
         cfg.SOLVER.AMP = CN({"ENABLED": False})
     return cfg
+
+
+def resolve_device(cfg) -> str:
+    """``MODEL.DEVICE "auto"`` (ISDA's configs) -> ``"cuda"`` when CUDA is available, else
+    ``"cpu"`` with one warning line; any other value is kept (a literal ``cuda`` without CUDA
+    stays an error where the model is built). Call before ``cfg.freeze()``; returns the device."""
+    if cfg.MODEL.DEVICE == "auto":
+        if torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cuda"
+        else:
+            cfg.MODEL.DEVICE = "cpu"
+            logging.getLogger("isda").warning(
+                "MODEL.DEVICE auto: no CUDA device available, running on the CPU")
+    return cfg.MODEL.DEVICE
