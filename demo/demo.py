@@ -49,8 +49,8 @@ where the drawings go:
                      inputs it is an error (give a folder).
   --output FILE{VIDEO_EXTENSION}  for --video-input (MP4 container, mp4v codec).
   Any other extension (e.g. 'out.txt') is an error; end a folder name with '/' to use it.
-Images whose short side is below 512 px are drawn enlarged to 512 px (at most 4x) so that the
-labels stay readable; videos keep their size. Images are written in the format of their file
+Images whose short side is below --min-drawing-side (512 px) are drawn enlarged to it (at most
+4x) so that the labels stay readable; videos keep their size. Images are written in the format of their file
 extension; an input whose extension is not
 one of the above gets '.png' appended. An image given twice (e.g. by a folder and a pattern) is
 processed once. An output path that is an input file, two inputs with the same output, or an
@@ -96,6 +96,13 @@ def get_parser():
                              "the class probability times the mean mask probability inside the "
                              "mask, lower than a box detector's; the true detections of the "
                              "nuclei model score 0.3-0.5)")
+    parser.add_argument("--min-drawing-side", type=int, default=512, metavar="PX",
+                        help="images whose short side is smaller are drawn enlarged to PX (at most "
+                             "4x) so labels stay readable; 0 draws every image at its own size")
+    parser.add_argument("--exported", metavar="FOLDER",
+                        help="run an exported model (a folder written by "
+                             "tools/deploy/export_model.py: ONNX in onnxruntime or torch.export) "
+                             "instead of MODEL.WEIGHTS (docs/deployment.md)")
     parser.add_argument("--setup-file", metavar="FILE",
                         help="a Python file run first, e.g. your dataset registrations, so that "
                              "DATASETS.TEST names the classes (docs/custom_dataset.md)")
@@ -330,7 +337,8 @@ def main(argv=None):
     try:
         run_setup_file(args.setup_file)
         cfg = setup_cfg(args)
-        check_weights(cfg, args.allow_random_weights, logger)
+        if not args.exported:  # an export carries its weights
+            check_weights(cfg, args.allow_random_weights, logger)
         if args.input:
             paths = expand_inputs(args.input)
             outputs = plan_image_outputs(paths, args.output)
@@ -339,7 +347,8 @@ def main(argv=None):
         if not args.output:
             logger.warning("no --output given: the drawings are not saved (only the instance "
                            "counts are logged); give --output FOLDER (or FILE) to save them")
-        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold)
+        demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
+                                 exported=args.exported, min_drawing_side=args.min_drawing_side)
         if args.input:
             run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger)
         else:

@@ -20,25 +20,43 @@ def dataset_metadata(cfg):
     return meta
 
 
-#: Drawings of images whose short side is below this are enlarged to it (at most 4x), so that
-#: labels and outlines stay readable on small images (e.g. 128 px microscopy tiles).
-MIN_DRAWING_SIDE = 512
-
-
-def drawing_scale(height: int, width: int) -> float:
-    """Scale of the drawing of a ``height`` x ``width`` image (1 for large images)."""
-    return max(1.0, min(4.0, MIN_DRAWING_SIDE / max(1, min(height, width))))
+def drawing_scale(height: int, width: int, min_side: int = 512) -> float:
+    """Scale of the drawing of a ``height`` x ``width`` image: a short side below ``min_side``
+    is enlarged to it (at most 4x), so that labels and outlines stay readable on small images
+    (e.g. 128 px microscopy tiles); 1 for large images or ``min_side`` 0."""
+    return max(1.0, min(4.0, min_side / max(1, min(height, width))))
 
 
 class VisualizationDemo:
     """Predict and draw: :meth:`run_on_image` for one image, :meth:`run_on_video` per frame."""
 
-    def __init__(self, cfg, confidence_threshold=0.5, instance_mode=ColorMode.IMAGE):
+    def __init__(self, cfg, confidence_threshold=0.3, instance_mode=ColorMode.IMAGE,
+                 exported=None, min_drawing_side=512):
+        """``exported``: a folder written by ``tools/deploy/export_model.py``; the exported model
+        (ONNX in onnxruntime, or ``torch.export``) then predicts instead of the PyTorch model,
+        with the class names recorded at export."""
         self.metadata = dataset_metadata(cfg)
         self.image_format = cfg.INPUT.FORMAT
         self.threshold = confidence_threshold
         self.instance_mode = instance_mode
-        self.predictor = ISDAPredictor(cfg)
+        self.min_drawing_side = min_drawing_side
+        if exported:
+            from isda.export.onnx_predictor import load_predictor
+
+            self.predictor = load_predictor(exported)
+            num_classes = int(self.predictor.meta.get("num_classes", 0))
+            names = self.predictor.meta.get("class_names") or self.metadata.get("thing_classes")
+        else:
+            self.predictor = ISDAPredictor(cfg)
+            num_classes = cfg.MODEL.ISDA.NUM_CLASSES
+            names = self.metadata.get("thing_classes")
+        # class names only when they cover every class the model predicts (else numbers)
+        key = "__isda_demo_names" if names and len(names) >= num_classes else "__isda_demo_ids"
+        if key.endswith("names") and list(names) == list(self.metadata.get("thing_classes", [])):
+            return
+        self.metadata = MetadataCatalog.get(f"{key}_{abs(hash(tuple(names or ())))}")
+        if key.endswith("names"):
+            self.metadata.set(thing_classes=list(names))
 
     def _predict(self, image, image_format):
         instances = self.predictor(image, image_format=image_format)["instances"].to("cpu")
@@ -52,7 +70,7 @@ class VisualizationDemo:
         (kept Instances, VisImage)."""
         instances = self._predict(image, self.image_format)
         rgb = image if self.image_format == "RGB" else image[:, :, ::-1]
-        vis = Visualizer(rgb, self.metadata, scale=drawing_scale(*rgb.shape[:2]),
+        vis = Visualizer(rgb, self.metadata, scale=drawing_scale(*rgb.shape[:2], self.min_drawing_side),
                          instance_mode=self.instance_mode)
         return instances, vis.draw_instance_predictions(instances)
 

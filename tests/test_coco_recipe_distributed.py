@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_model_helpers import script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/coco/isda_R50_3x.yaml"
 ITERS = 8
@@ -50,8 +52,7 @@ def vanishing_object_records():
     return records + extra
 
 
-if __name__ in ("__main__", "__mp_main__"):  # script mode, also in the spawned ranks
-    sys.path.insert(0, str(ROOT))
+if __name__ in ("__main__", "__mp_main__"):  # script mode (PYTHONPATH: the repository)
     import train_net
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.utils import comm
@@ -97,14 +98,13 @@ def coco_recipe_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, __file__, "--num-cpu-procs", "2", "--config-file", CONFIG, *OVERRIDES,
          "OUTPUT_DIR", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500)
+        cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
 
 def test_recipe_is_the_shipped_one():
     """The run above uses the paper's model and recipe: nothing but the allowed keys changed."""
-    sys.path.insert(0, str(ROOT))
     import train_net
 
     args = train_net.argument_parser().parse_args(["--config-file", str(ROOT / CONFIG), *OVERRIDES])

@@ -10,7 +10,7 @@ from isda.cpu_fast_paths import (FastActivationDropout, convert_to_cpu_fast_path
 from isda.layers.dropout import FastDropout
 from isda.layers.token_linear import TokenLinear
 from isda.modeling.transformer_blocks import ActivationDropout
-from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+from test_model_helpers import build, small_cfg, synthetic_input
 
 FAST_TYPES = (TokenLinear, FastDropout, FastActivationDropout)
 

@@ -41,11 +41,7 @@ def weights(tmp_path_factory):
     published as .safetensors."""
     from plain_loop import MinimalInstanceMapper
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        from publish_model import publish
-    finally:
-        sys.path.pop(0)
+    from publish_model import publish  # tools/
 
     cfg = get_cfg()
     add_isda_config(cfg)
@@ -71,8 +67,9 @@ def weights(tmp_path_factory):
 
 
 def _run(demo, weights, *args, fmt="pth"):
+    """The demo at native drawing size (--min-drawing-side 0): output sizes are the inputs'."""
     return demo.main(["--config-file", CONFIG, *args, "--confidence-threshold", "0.0",
-                      "--opts", *OPTS, "MODEL.WEIGHTS", weights[fmt]])
+                      "--min-drawing-side", "0", "--opts", *OPTS, "MODEL.WEIGHTS", weights[fmt]])
 
 
 def _is_image(path):
@@ -92,8 +89,11 @@ def test_single_image_cli(weights, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _is_image(out)
     src_img = cv2.imread(src)
-    assert cv2.imread(out).shape == src_img.shape
-    assert not np.array_equal(cv2.imread(out), src_img)  # something was drawn
+    # a 338 px short side is drawn enlarged to 512 px (--min-drawing-side): labels stay readable
+    h, w = src_img.shape[:2]
+    assert cv2.imread(out).shape == (512, round(w * 512 / h), 3)
+    drawn = cv2.resize(cv2.imread(out), (w, h), interpolation=cv2.INTER_AREA)
+    assert np.abs(drawn.astype(int) - src_img.astype(int)).mean() > 1  # something was drawn
 
 
 def test_folder_and_glob(weights, tmp_path):
@@ -230,7 +230,7 @@ def test_same_names_in_different_folders_are_mirrored(weights, tmp_path, demo_lo
     # threshold 2: no instance is drawn, so each drawing is its input pixel for pixel (PNG)
     assert demo.main(["--config-file", CONFIG, "--input", str(tmp_path / "in" / "x" / "img.png"),
                       str(tmp_path / "in" / "y"), "--output", str(out),
-                      "--confidence-threshold", "2", "--opts", *OPTS,
+                      "--confidence-threshold", "2", "--min-drawing-side", "0", "--opts", *OPTS,
                       "MODEL.WEIGHTS", weights["pth"]]) == 0
     assert sorted(_digest(out)) == [os.path.join("x", "img.png"), os.path.join("y", "img.png")]
     assert np.array_equal(cv2.imread(str(out / "x" / "img.png")), x)

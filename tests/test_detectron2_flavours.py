@@ -91,7 +91,6 @@ def _evaluate(fast: bool, tmp_path):
 
 
 def test_coco_evaluation_uses_the_cpp_implementation_where_it_exists(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from train_net import Trainer
     from detectron2.config import get_cfg
     from isda import add_isda_config

@@ -50,8 +50,7 @@ from isda.layers.token_linear import TokenLinear  # noqa: E402
 from isda.predictor import ISDAPredictor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools", "deploy"))
-import export_model  # noqa: E402
+import export_model  # noqa: E402  (tools/deploy/)
 
 SCORE_TOL = 1e-3
 MIN_IOU = 0.99
@@ -363,3 +362,29 @@ def test_zz_report():
     for (fmt, dataset, size), (diff, iou, swaps, count) in sorted(STATS.items()):
         print(f"{fmt:<17} {dataset:<12} {size:<9} {count:>6}  {diff:16.2e}  {iou:12.5f}  "
               f"{swaps:5d}")
+
+
+def test_demo_runs_an_exported_model(setup, tmp_path):
+    """demo/demo.py --exported FOLDER draws the exported model's instances (no MODEL.WEIGHTS
+    needed): the same instances as the PyTorch model of the same weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("isda_demo", os.path.join(ROOT, "demo", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    from predictor import VisualizationDemo  # demo/predictor.py (demo.py put demo/ on the path)
+
+    images = [d["file_name"] for d in DatasetCatalog.get("nuclei_val")[:2]]
+    exported = VisualizationDemo(setup["cfg"], exported=setup["onnx_dir"])
+    reference = VisualizationDemo(setup["cfg"])
+    for path in images:
+        bgr = cv2.imread(path)
+        got, want = exported._predict(bgr, "BGR"), reference._predict(bgr, "BGR")
+        assert len(got) == len(want) > 0
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-3)
+    out = tmp_path / "vis"
+    code = demo.main(["--config-file", os.path.join(ROOT, "configs", "nuclei", "isda_R18_tiny.yaml"),
+                      "--exported", setup["onnx_dir"], "--input", *images, "--output", str(out),
+                      "--confidence-threshold", "0.0"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(os.path.basename(p) for p in images)

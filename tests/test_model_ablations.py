@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from isda.modeling.heads import inverse_sigmoid
-from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+from test_model_helpers import build, small_cfg, synthetic_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,6 @@
 """Shared helpers of the model tests (small configs, synthetic inputs) and config-key tests."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from detectron2.config import get_cfg
@@ -11,16 +10,6 @@ from detectron2.structures import BitMasks, Instances
 import isda
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def one_thread():
-    """Run a test with one intra-op thread: on busy shared cores, multi-threaded CPU kernels
-    slow these small workloads down by up to 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_cfg(*opts):
@@ -105,3 +94,32 @@ def test_base_config_matches_reference():
     assert (i.MIN_SIZE_TEST, i.MAX_SIZE_TEST, i.RANDOM_FLIP) == (800, 1333, "horizontal")
     assert i.CROP.ENABLED and i.CROP.TYPE == "absolute_range" and list(i.CROP.SIZE) == [384, 600]
     assert (i.CROP.PROB, i.CROP.PRE_RESIZE_SIZES) == (0.5, (400, 500, 600))
+
+
+def script_env():
+    """Environment of a test file run as a script in a subprocess (``python tests/x.py``):
+    the repository on ``PYTHONPATH``, so ``import train_net`` works there and in its spawned
+    ranks, as pytest.ini's ``pythonpath`` does inside pytest."""
+    import os
+
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
+def tool_module(name):
+    """``tools/<name>.py`` loaded as a module (the command-line tools are scripts)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def config_from(config, *opts):
+    """``configs/<config>`` with ISDA's keys, no weights, on the CPU, then ``opts``."""
+    cfg = get_cfg()
+    isda.add_isda_config(cfg)
+    cfg.merge_from_file(str(ROOT / "configs" / config))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    return cfg

@@ -7,7 +7,7 @@ import torch
 from isda.modeling.criterion import (SetCriterion, dice_loss, num_instances_normaliser,
                                      sigmoid_focal_loss)
 from isda.modeling.matcher import HungarianMatcher
-from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: F401
+from test_model_helpers import build, small_cfg, synthetic_input
 
 
 def _sig(x):

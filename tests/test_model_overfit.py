@@ -10,7 +10,6 @@ from detectron2.config import get_cfg
 
 import isda
 from plain_loop import build_plain_training, evaluate_segm, plain_step
-from test_model_helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from isda.modeling.postprocess import isda_postprocess, masks_to_boxes
-from test_model_helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_model_helpers import build, one_thread, small_cfg, synthetic_input  # noqa: E402,F401
+from test_model_helpers import build, small_cfg, synthetic_input
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "isda_reference_outputs.pt"
 MODULES = ("backbone", "mapper", "encoder", "decoder", "mask_head", "heads")

@@ -33,7 +33,6 @@ from isda.checkpoint import (CorruptCheckpointError, ISDACheckpointer, Incomplet
                              NonFiniteCheckpointError, load_checkpoint_file)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
 
 CONFIG = "configs/nuclei/isda_R18_tiny.yaml"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_model_helpers import script_env
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/nuclei/isda_R18_tiny.yaml"
 SMALL = [
@@ -24,8 +26,7 @@ SMALL = [
     "DATASETS.TEST", "('nuclei_train',)", "TEST.EVAL_PERIOD", "0",
 ]
 
-if __name__ in ("__main__", "__mp_main__"):  # script mode, also in the spawned ranks
-    sys.path.insert(0, str(ROOT))
+if __name__ in ("__main__", "__mp_main__"):  # script mode (PYTHONPATH: the repository)
     import train_net
     from detectron2.utils import comm
 
@@ -41,7 +42,8 @@ if __name__ in ("__main__", "__mp_main__"):  # script mode, also in the spawned 
 
 
 def run(*cmd):
-    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True,
                           timeout=900)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
@@ -76,7 +78,6 @@ def test_gathered_evaluation_equals_one_process(two_procs, tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
     two = [m for m in metrics if "segm/AP" in m][-1]
     # the reference: train_net's --eval-only in this single process, same weights
-    sys.path.insert(0, str(ROOT))
     import train_net
 
     args = train_net.argument_parser().parse_args(

@@ -133,7 +133,6 @@ def test_resumed_losses_equal_uninterrupted_run(runs):
 
 
 def _trainer(out):
-    sys.path.insert(0, str(ROOT))
     import train_net
 
     args = train_net.argument_parser().parse_args(

@@ -19,7 +19,6 @@ import isda  # noqa: F401
 from isda.data.dataset_mapper import BadSampleError
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
 
 SMALL = [

@@ -13,7 +13,6 @@ import pytest
 from detectron2.utils.events import EventStorage, JSONWriter
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import train_net  # noqa: E402
 
 SMALL = [
