@@ -64,12 +64,10 @@ class StageTimer:
             saved[name] = getattr(meta_arch, name)
             setattr(meta_arch, name, self._wrap(stage, saved[name]))
         # the criterion computes mask logits itself: all queries, chunked and without gradient,
-        # inside the matcher's forward_kernels ("matching"), and the matched queries of all
+        # inside the matcher ("matching", a module stage), and the matched queries of all
         # layers with gradient ("mask prediction", taken out of "losses")
         saved_criterion = criterion.matched_kernel_masks
         criterion.matched_kernel_masks = self._wrap("mask prediction (criterion)", saved_criterion)
-        matcher = model.criterion.matcher
-        matcher.forward_kernels = self._wrap("matching", matcher.forward_kernels)
         for stage, name in METHOD_STAGES:
             setattr(model, name, self._wrap(stage, getattr(model, name)))
         try:
@@ -80,7 +78,6 @@ class StageTimer:
             for name, fn in saved.items():
                 setattr(meta_arch, name, fn)
             criterion.matched_kernel_masks = saved_criterion
-            del matcher.forward_kernels
             for _, name in METHOD_STAGES:
                 delattr(model, name)
 

@@ -123,3 +123,13 @@ def config_from(config, *opts):
     cfg.merge_from_file(str(ROOT / "configs" / config))
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
     return cfg
+
+
+def as_kernels(mask_logits):
+    """Dense mask logits [..., Q, H, W] as (kernels [..., Q, H*W], identity mask features
+    [N, H*W, H, W]): ``kernels @ features`` gives the logits back exactly, so the kernel-based
+    matcher and criterion can be checked on hand-made dense masks."""
+    *lead, q, h, w = mask_logits.shape
+    n = lead[-1] if lead else 1
+    eye = torch.eye(h * w, dtype=mask_logits.dtype).reshape(1, h * w, h, w).expand(n, -1, -1, -1)
+    return mask_logits.reshape(*lead, q, h * w), eye.contiguous()

@@ -7,7 +7,7 @@ import torch
 from isda.modeling.criterion import (SetCriterion, dice_loss, num_instances_normaliser,
                                      sigmoid_focal_loss)
 from isda.modeling.matcher import HungarianMatcher
-from test_model_helpers import build, small_cfg, synthetic_input
+from test_model_helpers import as_kernels, build, small_cfg, synthetic_input
 
 
 def _sig(x):
@@ -59,11 +59,12 @@ def test_criterion_totals_and_deep_supervision():
                {"labels": torch.tensor([1]), "masks": torch.rand(1, h, w, generator=g)}]
     matcher = HungarianMatcher()
     crit = SetCriterion(k, matcher, focal_weight=2.0, dice_weight=3.0)
-    losses = crit(logits, masks, targets)
+    kernels, features = as_kernels(masks)  # dense masks: kernels over identity features
+    losses = crit(logits, kernels, features, targets)
     assert set(losses) == {"loss_focal", "loss_dice", "loss_focal_0", "loss_dice_0",
                            "loss_focal_1", "loss_dice_1"}
     # recompute the last layer by hand from the matcher's assignment
-    idx = matcher(logits[-1], masks[-1], targets)
+    idx = matcher(logits[-1], kernels[-1], features, targets)
     cls_t = torch.zeros(n, q, k)
     dice = 0.0
     for b, (qi, gi) in enumerate(idx):
@@ -73,7 +74,7 @@ def test_criterion_totals_and_deep_supervision():
     assert losses["loss_focal"].item() == pytest.approx(2.0 * focal.item() / 3, rel=1e-5)
     assert losses["loss_dice"].item() == pytest.approx(3.0 * dice.item() / 3, rel=1e-5)
     crit.deep_supervision = False
-    assert set(crit(logits, masks, targets)) == {"loss_focal", "loss_dice"}
+    assert set(crit(logits, kernels, features, targets)) == {"loss_focal", "loss_dice"}
 
 
 def test_batch_without_instances_gives_every_parameter_a_gradient(one_thread):

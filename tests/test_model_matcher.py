@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from isda.modeling.matcher import HungarianMatcher, focal_class_cost, soft_mask_iou
+from test_model_helpers import as_kernels
 
 
 def _brute_force(cost):
@@ -28,17 +29,17 @@ def test_matching_is_optimal(seed):
     targets = [{"labels": torch.randint(0, k, (n_gt,), generator=g),
                 "masks": torch.rand(n_gt, h, w, generator=g)}]
     matcher = HungarianMatcher()
-    (qi, gi), = matcher(logits, mask_logits, targets)
+    (qi, gi), = matcher(logits, *as_kernels(mask_logits), targets)
     assert len(qi) == len(gi) == n_gt
     assert len(set(qi.tolist())) == n_gt and sorted(gi.tolist()) == list(range(n_gt))
-    cost = matcher.cost_matrix(logits[0], mask_logits[0], targets[0]["labels"],
-                               targets[0]["masks"]).double().numpy()
+    iou = soft_mask_iou(mask_logits[0].flatten(1).sigmoid(), targets[0]["masks"].flatten(1))
+    cost = matcher.cost(logits[0], targets[0]["labels"], iou).double().numpy()
     assert cost[qi.numpy(), gi.numpy()].sum() == pytest.approx(_brute_force(cost), abs=1e-9)
 
 
 def test_empty_targets():
     matcher = HungarianMatcher()
-    out = matcher(torch.randn(2, 4, 2), torch.randn(2, 4, 5, 5),
+    out = matcher(torch.randn(2, 4, 2), *as_kernels(torch.randn(2, 4, 5, 5)),
                   [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 5, 5)}] * 2)
     assert all(len(q) == 0 and len(g) == 0 for q, g in out)
 
@@ -50,8 +51,9 @@ def test_cost_is_weighted_sum_of_float64_formulas():
     labels = torch.randint(0, k, (n,), generator=g)
     ml = torch.randn(q, 5, 6, generator=g, dtype=torch.float64)
     tm = torch.rand(n, 5, 6, generator=g, dtype=torch.float64)
-    cost = HungarianMatcher(cost_class=2.0, cost_mask=3.0).cost_matrix(
-        logits.float(), ml.float(), labels, tm.float()).double()
+    iou = soft_mask_iou(ml.flatten(1).float().sigmoid(), tm.flatten(1).float())
+    cost = HungarianMatcher(cost_class=2.0, cost_mask=3.0).cost(logits.float(), labels,
+                                                                iou).double()
     expected = np.zeros((q, n))
     for i in range(q):
         for j in range(n):
@@ -113,7 +115,7 @@ def test_chunked_kernel_iou_equals_dense_float64():
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_forward_kernels_matches_forward_on_dense_logits():
+def test_matching_kernels_equals_matching_their_dense_masks():
     from isda.modeling.heads import predict_masks
     from isda.modeling.matcher import HungarianMatcher
 
@@ -124,7 +126,7 @@ def test_forward_kernels_matches_forward_on_dense_logits():
     targets = [{"labels": torch.tensor([0, 2, 1]), "masks": (torch.rand(3, 10, 14, generator=g) > 0.5).float()},
                {"labels": torch.tensor([], dtype=torch.int64), "masks": torch.zeros(0, 10, 14)}]
     m = HungarianMatcher()
-    dense = m(logits, predict_masks(kernels, feats), targets)
-    lazy = m.forward_kernels(logits, kernels, feats, targets)
+    dense = m(logits, *as_kernels(predict_masks(kernels, feats)), targets)
+    lazy = m(logits, kernels, feats, targets)
     for (q1, g1), (q2, g2) in zip(dense, lazy):
         assert torch.equal(q1, q2) and torch.equal(g1, g2)

@@ -155,13 +155,13 @@ def test_nan_outputs_stop_before_matching_with_iteration_and_losses(tmp_path, mo
     model = trainer._trainer.model
     matcher = model.criterion.matcher
     matched_at = []
-    match = matcher.forward_kernels
+    match = matcher.forward
 
     def spy(*args, **kwargs):
         matched_at.append(trainer.iter)
         return match(*args, **kwargs)
 
-    monkeypatch.setattr(matcher, "forward_kernels", spy)
+    monkeypatch.setattr(matcher, "forward", spy)
     forward = model.forward
 
     def poisoned(batched_inputs):

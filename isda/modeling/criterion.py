@@ -104,13 +104,13 @@ class SetCriterion(nn.Module):
         loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
         return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
 
-    def forward(self, all_logits, all_mask_logits, targets, mask_features=None):
-        """all_logits: [layers, N, Q, K]; all_mask_logits: [layers, N, Q, H, W], or, with
-        ``mask_features`` [N, D, H, W], the kernels [layers, N, Q, D] (then the mask logits of
-        every query are only computed without gradient for matching, and with gradient only for
-        the matched queries, all layers in one product per image); targets: list (per image) of
-        {"labels": [G], "masks": [G, H, W] soft targets on the mask grid}. Returns a dict of
-        losses; layer l < last is suffixed ``_l``."""
+    def forward(self, all_logits, all_kernels, mask_features, targets):
+        """all_logits: [layers, N, Q, K]; all_kernels: [layers, N, Q, D] mask kernels applied to
+        ``mask_features`` [N, D, H, W] (the mask logits of every query are only computed without
+        gradient for matching, and with gradient only for the matched queries, all layers in one
+        product per image); targets: list (per image) of {"labels": [G], "masks": [G, H, W]
+        soft targets on the mask grid}. Returns a dict of losses; layer l < last is suffixed
+        ``_l``."""
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
         layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
@@ -118,21 +118,14 @@ class SetCriterion(nn.Module):
                       for l in layers for k in ("loss_focal", "loss_dice")]
         # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
         # with their names, not inside scipy's assignment solver
-        outputs = [("class logits", all_logits),
-                   ("mask logits" if mask_features is None else "mask kernels", all_mask_logits)]
-        if mask_features is not None:
-            outputs.append(("mask features", mask_features))
+        outputs = [("class logits", all_logits), ("mask kernels", all_kernels),
+                   ("mask features", mask_features)]
         check_finite(outputs, "model outputs before Hungarian matching", loss_names)
         all_indices = []
         for l in layers:
             try:
-                if mask_features is None:
-                    all_indices.append(self.matcher(all_logits[l].float(),
-                                                    all_mask_logits[l].detach().float(), targets))
-                else:
-                    all_indices.append(self.matcher.forward_kernels(
-                        all_logits[l].float(), all_mask_logits[l].detach(),
-                        mask_features.detach(), targets))
+                all_indices.append(self.matcher(all_logits[l].float(), all_kernels[l].detach(),
+                                                mask_features.detach(), targets))
             except ValueError as e:
                 # finite but extreme outputs can still overflow inside the matching cost
                 if "invalid numeric entries" not in str(e):
@@ -141,12 +134,7 @@ class SetCriterion(nn.Module):
                     f"Non-finite Hungarian matching cost of decoder layer {l} (finite but "
                     f"extreme model outputs overflowed: {e}). Losses not computed: "
                     f"{', '.join(loss_names)}") from None
-        if mask_features is None:
-            src = [torch.cat([all_mask_logits[l][i, q.to(all_logits.device)].flatten(1)
-                              for i, (q, _) in enumerate(ind)]).float()
-                   for l, ind in zip(layers, all_indices)]
-        else:
-            src = matched_kernel_masks(all_mask_logits[layers], mask_features, all_indices)
+        src = matched_kernel_masks(all_kernels[layers], mask_features, all_indices)
         losses = {}
         for l, indices, src_masks in zip(layers, all_indices, src):
             out = self.layer_losses(all_logits[l].float(), src_masks, indices, targets, num_inst)

@@ -49,35 +49,24 @@ class HungarianMatcher(nn.Module):
         self.alpha = focal_alpha
         self.gamma = focal_gamma
 
-    @torch.no_grad()
-    def cost_matrix(self, logits, mask_logits, labels, masks):
-        """logits: [Q, K]; mask_logits: [Q, H, W]; labels: [G]; masks: [G, H, W] -> [Q, G]."""
-        iou = soft_mask_iou(mask_logits.flatten(1).float().sigmoid(), masks.flatten(1).float())
-        return self._cost(logits, labels, iou)
-
-    def _cost(self, logits, labels, iou):
+    def cost(self, logits, labels, iou):
+        """logits: [Q, K]; labels: [G]; iou: soft mask IoU [Q, G] -> cost [Q, G]."""
         c_cls = focal_class_cost(logits.float(), labels, self.alpha, self.gamma)
         return self.cost_class * c_cls + self.cost_mask * (1 - iou)
 
     @torch.no_grad()
-    def forward(self, logits, mask_logits, targets):
-        """logits: [N, Q, K]; mask_logits: [N, Q, H, W]; targets: list of dicts with "labels"
-        [G] and "masks" [G, H, W] -> list of (query indices, target indices) int64 pairs."""
-        return self._assign(targets, lambda i, t: self.cost_matrix(
-            logits[i], mask_logits[i], t["labels"], t["masks"]))
-
-    @torch.no_grad()
-    def forward_kernels(self, logits, kernels, mask_features, targets):
-        """As :meth:`forward` with mask logits given as kernels [N, Q, D] applied to mask
-        features [N, D, H, W] (:func:`soft_mask_iou_from_kernels`: the [N, Q, H, W] logits
-        are never materialised)."""
+    def forward(self, logits, kernels, mask_features, targets):
+        """logits: [N, Q, K]; mask logits given as kernels [N, Q, D] applied to mask features
+        [N, D, H, W] (:func:`soft_mask_iou_from_kernels`: the [N, Q, H, W] logits are never
+        materialised); targets: list of dicts with "labels" [G] and "masks" [G, H, W] -> list
+        of (query indices, target indices) int64 pairs."""
         n, d = mask_features.shape[:2]
         feats = mask_features.reshape(n, d, -1)
 
         def cost(i, t):
             iou = soft_mask_iou_from_kernels(kernels[i].float(), feats[i].float(),
                                              t["masks"].flatten(1).float())
-            return self._cost(logits[i], t["labels"], iou)
+            return self.cost(logits[i], t["labels"], iou)
 
         return self._assign(targets, cost)
 

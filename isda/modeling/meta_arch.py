@@ -220,7 +220,7 @@ class ISDA(nn.Module):
         if self.training:
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
             # mask logits are computed inside, with gradient only for the matched queries
-            return self.criterion(out["logits"], out["kernels"], targets, mask_features)
+            return self.criterion(out["logits"], out["kernels"], mask_features, targets)
 
         logits, kernels = out["logits"][-1], out["kernels"][-1]
         # NaN / inf outputs would become NaN scores and a meaningless AP: refuse to report them
