@@ -1,33 +1,21 @@
-"""The "plain form" of a built ISDA model: device-specific speed-up layers back to stock PyTorch.
+"""The "plain form" of a built ISDA model for export: the CPU fast paths undone.
 
-ISDA's CPU speed-ups are drop-in subclasses that keep the parameters and state dict of the
-layer they stand for:
-
-* :class:`isda.layers.token_linear.TokenLinear` (an ``nn.Linear`` computed as a oneDNN 1x1
-  convolution on large CPU inputs) -> ``nn.Linear`` with the same weight and bias;
-* :class:`isda.layers.dropout.FastDropout` (the compiled counter-based dropout) ->
-  ``nn.Dropout`` with the same ``p`` (the identity in eval mode);
-* where the checkout has ``isda.cpu_fast_paths`` (one explicit conversion to the CPU fast
-  paths), its ``convert_to_plain`` runs first (it also undoes the fused ReLU + dropout).
-
-:func:`to_plain` swaps them, so that tracers (``torch.export``, the ONNX exporter) see only
-standard operators. The plain model computes the same function: a ``TokenLinear`` and its
-``nn.Linear`` differ only in the summation order of the product (float rounding), dropout in
-eval mode is the identity in both forms. The multi-scale deformable attention is not touched
-here (its export-friendly form needs the feature maps' symbolic sizes: see
-:mod:`isda.export.attention`).
-
-Kept in its own file so that it can later be merged with the conversion that applies the CPU
-speed-ups (the inverse of this one).
+A model built on the CPU carries ISDA's CPU speed-ups (``MODEL.CPU_FAST_PATHS``: oneDNN token
+Linear layers, the compiled dropout, the fused ReLU + dropout; :mod:`isda.cpu_fast_paths`).
+:func:`to_plain` converts a copy back to the paper's plain PyTorch modules with
+:func:`isda.cpu_fast_paths.convert_to_plain`, so that tracers (``torch.export``, the ONNX
+exporter) see only standard operators. The plain model computes the same function (the fast
+Linear differs in summation order only; dropout is the identity in eval mode). The deformable
+attention is not touched here: its export-friendly form needs the feature maps' symbolic sizes
+(:mod:`isda.export.attention`).
 """
 import copy
 
 from torch import nn
 
-from ..layers.dropout import FastDropout
-from ..layers.token_linear import TokenLinear
+from ..cpu_fast_paths import convert_to_plain, fast_path_modules
 
-__all__ = ["to_plain", "plain_linear", "plain_dropout", "speedup_layers"]
+__all__ = ["to_plain", "plain_linear", "speedup_layers"]
 
 
 def plain_linear(layer: nn.Linear) -> nn.Linear:
@@ -40,42 +28,12 @@ def plain_linear(layer: nn.Linear) -> nn.Linear:
     return out
 
 
-def plain_dropout(layer: nn.Dropout) -> nn.Dropout:
-    """``nn.Dropout`` with ``layer``'s ``p``, ``inplace`` and train/eval mode."""
-    out = nn.Dropout(layer.p, inplace=layer.inplace)
-    out.train(layer.training)
-    return out
-
-
 def speedup_layers(model: nn.Module):
     """Qualified names of the speed-up layers in ``model`` (empty for a plain model)."""
-    names = [name for name, m in model.named_modules() if type(m) in (TokenLinear, FastDropout)]
-    try:
-        from ..cpu_fast_paths import fast_path_modules
-    except ImportError:
-        return names
-    return sorted(set(names) | set(fast_path_modules(model)))
+    return fast_path_modules(model)
 
 
 def to_plain(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """``model`` with every ``TokenLinear`` replaced by ``nn.Linear`` and every ``FastDropout``
-    by ``nn.Dropout``; the state dict (names, shapes, values) is unchanged.
-
-    By default a deep copy is converted and ``model`` is left as it is; ``inplace=True``
-    converts ``model`` itself (the new Linear layers then share its Parameters).
-    """
-    if not inplace:
-        model = copy.deepcopy(model)
-    try:  # the in-place class swap of ISDA's CPU fast paths, where the checkout has it
-        from ..cpu_fast_paths import convert_to_plain
-    except ImportError:
-        convert_to_plain = None
-    if convert_to_plain is not None:
-        convert_to_plain(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, TokenLinear):
-                setattr(parent, name, plain_linear(child))
-            elif isinstance(child, FastDropout):
-                setattr(parent, name, plain_dropout(child))
-    return model
+    """``model`` in its plain form (state dict unchanged): a converted deep copy, or ``model``
+    itself with ``inplace=True``."""
+    return convert_to_plain(model if inplace else copy.deepcopy(model))
