@@ -15,6 +15,7 @@ Trainer``) or wrap this file's :func:`cli` (docs/custom_dataset.md).
 import logging
 import warnings
 
+import isda  # noqa: F401  first: registers ISDA and quiets Detectron2's import-time warnings
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
@@ -22,7 +23,6 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import isda  # noqa: F401  (registers the meta-architecture and the embedded datasets)
 from isda import add_isda_config
 from isda.checkpoint import ISDACheckpointer as Checkpointer
 from isda.config import resolve_device

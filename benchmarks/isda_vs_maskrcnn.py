@@ -143,9 +143,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 512x768, few repeats")
     p.add_argument("--size", default=None, help="HxW (default 800x1216, 512x768 with --quick)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed inference repeats per model")
-    p.add_argument("--train-repeats", type=int, default=None)
+    p.add_argument("--train-repeats", type=int, default=None,
+                   help="timed training steps per model (default: 2 quick, 6 full)")
     p.add_argument("--sizes", nargs="+", default=None, help="latency vs input size, e.g. 480x736")
     p.add_argument("--size-repeats", type=int, default=3, help="repeats per --sizes entry")
     p.add_argument("--plot", default=None, help="PNG path for the latency-vs-size plot")

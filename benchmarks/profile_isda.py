@@ -150,9 +150,9 @@ def run_profile(h, w, threads, repeats=5):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", default="800x1216")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", default="800x1216", help="input HxW (default 800x1216)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
     args = p.parse_args(argv)
     run_profile(*parse_size(args.size), args.threads, args.repeats)
 

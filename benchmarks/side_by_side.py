@@ -40,9 +40,10 @@ def layer_benchmark_args(doc: str, argv=None):
     import torch
 
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a short run (fewer tokens and repeats)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per implementation (default: 5 quick, 15 full)")
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)

@@ -33,11 +33,13 @@ SMALL = [
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--iters", type=int, default=500, help="training iterations (default 500)")
     parser.add_argument("--every", type=int, default=10, help="sample RSS every N iterations")
-    parser.add_argument("--budget-mb", type=float, default=50.0)
+    parser.add_argument("--budget-mb", type=float, default=50.0,
+                        help="allowed RSS growth over the last 80%% of the run, MB (default 50)")
     parser.add_argument("--out", default=None, help="output folder (default: a temp folder)")
-    parser.add_argument("--config-file", default=str(ROOT / "configs/nuclei/isda_R18_tiny.yaml"))
+    parser.add_argument("--config-file", default=str(ROOT / "configs/nuclei/isda_R18_tiny.yaml"),
+                        help="config trained (default configs/nuclei/isda_R18_tiny.yaml)")
     args = parser.parse_args(argv)
 
     import train_net

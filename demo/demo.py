@@ -20,6 +20,7 @@ import sys
 import time
 
 import cv2
+import isda  # noqa: F401  first: registers ISDA and quiets Detectron2's import-time warnings
 from detectron2.config import get_cfg
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger

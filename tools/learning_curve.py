@@ -34,9 +34,10 @@ def evaluate(model, cfg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", default="configs/nuclei/isda_R18_tiny.yaml")
+    p.add_argument("--config-file", default="configs/nuclei/isda_R18_tiny.yaml",
+                   help="config trained (default configs/nuclei/isda_R18_tiny.yaml)")
     p.add_argument("--evals", default="50,80,110", help="iterations after which to evaluate")
-    p.add_argument("opts", nargs=argparse.REMAINDER)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)

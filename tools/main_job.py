@@ -116,10 +116,16 @@ def fmt(value, spec=".1f") -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config-file", default=DEFAULT_CONFIG)
-    ap.add_argument("--output", default="output/main")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(
+        description="The README's main job (make main): train ISDA on the embedded nuclei data, "
+                    "evaluate the final checkpoint on the held-out nuclei_val tiles with "
+                    "Detectron2's COCOEvaluator and draw predictions next to the ground truth.")
+    ap.add_argument("--config-file", default=DEFAULT_CONFIG,
+                    help=f"training config (default {DEFAULT_CONFIG})")
+    ap.add_argument("--output", default="output/main",
+                    help="folder of the run: train/, metrics.json, predictions.png "
+                         "(default output/main)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
     ap.add_argument("--vis-threshold", type=float, default=0.3,
                     help="score threshold of the drawn predictions (scores are class x mask "
                          "probability; the small nuclei model's true detections score 0.3-0.5)")

@@ -18,10 +18,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import isda  # noqa: E402  first: quiets Detectron2's import-time warnings
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-
-import isda  # noqa: E402
 from isda.layers import flop_count_handles  # noqa: E402
 from isda.modeling.heads import predict_masks  # noqa: E402
 
@@ -40,9 +39,11 @@ class _Network(nn.Module):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config-file", default="configs/Base-ISDA.yaml")
-    p.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
-    p.add_argument("opts", nargs=argparse.REMAINDER)
+    p.add_argument("--config-file", default="configs/Base-ISDA.yaml",
+                   help="model config (default configs/Base-ISDA.yaml)")
+    p.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"),
+                   help="input size for the FLOP count (default 800 1216)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
 
     cfg = get_cfg()

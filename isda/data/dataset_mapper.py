@@ -71,7 +71,9 @@ def read_image(file_name: str, format: str) -> np.ndarray:
         # 16-bit data (PNG "I;16", or "I" holding values up to 65535): full range -> 0..255
         scale = 257.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
         image = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
-    return utils.convert_PIL_to_numpy(image, format)
+    array = utils.convert_PIL_to_numpy(image, format)
+    # PIL's buffer is read-only: a writable copy, else torch warns in every resize of fvcore
+    return array if array.flags.writeable else array.copy()
 
 
 def _ann_name(ann: dict) -> str:

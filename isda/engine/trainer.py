@@ -14,6 +14,7 @@ the current main) with the CPU difference that ``create_ddp_model`` must get
 """
 import logging
 import os
+import warnings
 import weakref
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
@@ -55,7 +56,11 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         ddp_kwargs = {} if cfg.MODEL.DEVICE.startswith("cuda") else {"device_ids": None}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates broadcast_buffers and advises keeping False until its
+            # replacement exists: a warning no user can act on
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.* is deprecated")
+            model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import isda  # noqa: E402,F401  first: registers ISDA, quiets Detectron2's import-time warnings
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
@@ -28,7 +29,6 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-import isda  # noqa: E402,F401  (registers the meta-architecture and the embedded datasets)
 from isda import add_isda_config  # noqa: E402
 from isda.checkpoint import ISDACheckpointer  # noqa: E402
 from isda.export.exporter import (DEFAULT_OPSET, FILENAMES, MIN_OPSET, export_isda,  # noqa: E402

@@ -135,18 +135,27 @@ def check_dropout(ext):
 
 
 def main():
-    if len(sys.argv) not in (2, 3) or not all(os.path.isfile(a) for a in sys.argv[1:]):
-        sys.exit(f"usage: {sys.argv[0]} <built isda _C*.so> [<built isda _dropout*.so>]")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Check a freshly built ISDA extension against "
+                                             "independent references (float64 grid_sample, the "
+                                             "documented dropout stream)")
+    ap.add_argument("op", help="the built isda._C shared object (_C*.so)")
+    ap.add_argument("dropout", nargs="?", help="the built isda._dropout shared object, optional")
+    args = ap.parse_args()
+    for path in filter(None, (args.op, args.dropout)):
+        if not os.path.isfile(path):
+            ap.error(f"{path}: no such file")
     torch.set_num_threads(2)
-    ext = load(os.path.abspath(sys.argv[1]))
+    ext = load(os.path.abspath(args.op))
     from isda.layers.ms_deform_attn import ms_deform_attn_reference  # after load(): see there
 
     import isda
     assert isda._C is ext and sys.modules["isda._C"].__file__ == ext.__file__
     check_msda(ext, ms_deform_attn_reference)
-    if len(sys.argv) == 3:
-        check_dropout(load_dropout(os.path.abspath(sys.argv[2])))
-    print(f"OK: {' '.join(sys.argv[1:])}")
+    if args.dropout:
+        check_dropout(load_dropout(os.path.abspath(args.dropout)))
+    print(f"OK: {' '.join(filter(None, (args.op, args.dropout)))}")
 
 
 if __name__ == "__main__":
