@@ -97,22 +97,15 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     """
     if cpu_paths is None:
         cpu_paths = prefers_channels_last(mask_logits.device)
-    probs = mask_logits.float().sigmoid()  # [T, h, w]
-    binary = probs > mask_threshold
-    mask_scores = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
-    final = cls_scores * mask_scores
-    order = final.argsort(descending=True)
-    final, classes, probs, binary = final[order], classes[order], probs[order], binary[order]
-
-    topk = probs.shape[0]
+    final, classes, probs, binary = _score_and_sort(cls_scores, classes, mask_logits,
+                                                    mask_threshold)
+    topk, (h, w), s = probs.shape[0], probs.shape[-2:], mask_stride
     h_in, w_in = image_size
     out_h, out_w = output_size
     identity = (out_h, out_w) == (h_in, w_in)
     out_masks = torch.zeros(topk, out_h, out_w, dtype=torch.bool, device=probs.device)
     boxes = torch.zeros(topk, 4, dtype=torch.float32, device=probs.device)
     rows_any, cols_any = binary.any(2), binary.any(1)
-    h, w = probs.shape[-2:]
-    s = mask_stride
     margin = 1 if identity else 2  # source pixels of exact values around the thresholded area
     # at most 8M upsampled pixels (32 MB of floats) per chunk whatever ``chunk_pixels`` says:
     # larger chunks gain no speed but add to the inference peak memory
@@ -133,34 +126,56 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
         up = F.interpolate(crop, size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
                            align_corners=False)[0, :, :y1 - y0, :x1 - x0]
         if identity:
-            win = out_masks[c0:c1, y0:y1, x0:x1]
-            torch.gt(up, mask_threshold, out=win)
-            b = masks_to_boxes(win)  # zero boxes for empty masks
-            nonempty = b[:, 2] > 0
-            b[:, [0, 2]] += x0
-            b[:, [1, 3]] += y0
-            boxes[c0:c1] = torch.where(nonempty[:, None], b, boxes[c0:c1])
-            continue
-        if not cpu_paths:
+            _paste_thresholded(up, mask_threshold, (y0, x0), out_masks[c0:c1], boxes[c0:c1])
+        elif cpu_paths:
+            _paste_resized_per_mask(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
+                                    out_masks[c0:c1], boxes[c0:c1])
+        else:
             _resize_chunk(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
                           out_masks[c0:c1], boxes[c0:c1])
-            continue
-        for j in range(c1 - c0):
-            window = _resize_window(up[j], (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in))
-            if window is None:
-                continue
-            (wy, wx), win = window
-            out_masks[c0 + j, wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
-            if win.any():
-                boxes[c0 + j] = masks_to_boxes(win[None])[0] + torch.tensor(
-                    [wx, wy, wx, wy], dtype=torch.float32, device=boxes.device)
-
     result = Instances((out_h, out_w))
     result.pred_masks = out_masks
     result.scores = final
     result.pred_classes = classes
     result.pred_boxes = Boxes(boxes)
     return result
+
+
+def _score_and_sort(cls_scores, classes, mask_logits, mask_threshold):
+    """Score = class score x mean mask probability inside the mask; -> (scores [T], classes [T],
+    probabilities [T, h, w], binary masks [T, h, w]), all sorted by decreasing score."""
+    probs = mask_logits.float().sigmoid()
+    binary = probs > mask_threshold
+    mask_scores = (probs * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+    final = cls_scores * mask_scores
+    order = final.argsort(descending=True)
+    return final[order], classes[order], probs[order], binary[order]
+
+
+def _paste_thresholded(up, threshold, origin, out_masks, boxes):
+    """Output size = input size: threshold the upsampled window ``up`` [C, h, w] into
+    ``out_masks`` [C, H, W] at ``origin`` (y0, x0) and fill ``boxes`` [C, 4] of the non-empty."""
+    y0, x0 = origin
+    win = out_masks[:, y0:y0 + up.shape[1], x0:x0 + up.shape[2]]
+    torch.gt(up, threshold, out=win)
+    b = masks_to_boxes(win)  # zero boxes for empty masks
+    nonempty = b[:, 2] > 0
+    b[:, [0, 2]] += x0
+    b[:, [1, 3]] += y0
+    boxes.copy_(torch.where(nonempty[:, None], b, boxes))
+
+
+def _paste_resized_per_mask(up, size, threshold, origin, full_size, out_masks, boxes):
+    """The CPU path of the resize to the original size: mask by mask, each on its own window."""
+    for j in range(up.shape[0]):
+        window = _resize_window(up[j], size, threshold, origin, full_size)
+        if window is None:
+            continue
+        (wy, wx), win = window
+        out_masks[j, wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
+        if win.any():
+            boxes[j] = masks_to_boxes(win[None])[0] + torch.tensor(
+                [wx, wy, wx, wy], dtype=torch.float32, device=boxes.device)
 
 
 def _output_window(rows, cols, size, origin, full_size):
