@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
-from ..modeling.meta_arch import SIZE_DIVISIBILITY
+from ..modeling.meta_arch import SIZE_DIVISIBILITY, level_tokens, pyramid
 from .attention import ExportMSDeformAttn
 from .plain import to_plain
 
@@ -124,26 +124,11 @@ class ExportableISDA(nn.Module):
         device = image.device
         pad_mask = ((torch.arange(hp, device=device) >= h)[:, None]
                     | (torch.arange(wp, device=device) >= w)[None, :])[None]  # [1, Hp, Wp]
-        feats = self.backbone(x)
-        maps = self.mapper([feats[f] for f in self.in_features])
-        strides = [4, 8, 16, 32, 64][-len(maps):]
-        masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
-        return dict(zip(strides, maps)), dict(zip(strides, masks))
+        return pyramid(self.backbone, self.mapper, self.in_features, x, pad_mask)
 
     def _flatten(self, maps, masks):
-        srcs, poss, pmasks, shapes, ratios = [], [], [], [], []
-        for lvl, (x, m) in enumerate(zip(maps, masks)):
-            h, w = x.shape[-2:]
-            shapes.append((h, w))
-            pos = self.position_embedding(m).to(x.dtype)
-            srcs.append(x.flatten(2).transpose(1, 2))
-            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-            pmasks.append(m.flatten(1))
-            valid_h = (~m[:, :, 0]).sum(1).float() / h
-            valid_w = (~m[:, 0, :]).sum(1).float() / w
-            ratios.append(torch.stack([valid_w, valid_h], -1))
-        return (torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pmasks, 1), shapes,
-                torch.stack(ratios, 1))
+        """The model's tokens with the level sizes as a list (symbolic sizes when exported)."""
+        return level_tokens(maps, masks, self.position_embedding, self.level_embed)
 
     @staticmethod
     def _encoder_reference_points(shapes, valid_ratios):

@@ -32,6 +32,35 @@ def _reset_transformer_parameters(module):
             reset()
 
 
+def pyramid(backbone, mapper, in_features, images, pad_mask):
+    """Backbone and channel mapper: images [N, 3, Hp, Wp], padding mask [N, Hp, Wp] -> dicts
+    stride -> P_l [N, C, H_l, W_l] and stride -> padding mask [N, H_l, W_l]."""
+    feats = backbone(images)
+    maps = mapper([feats[f] for f in in_features])
+    strides = [4, 8, 16, 32, 64][-len(maps):]
+    masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
+    return dict(zip(strides, maps)), dict(zip(strides, masks))
+
+
+def level_tokens(maps, masks, position_embedding, level_embed):
+    """Feature maps [N, C, H_l, W_l] and padding masks [N, H_l, W_l] of the transformer levels ->
+    (tokens [N, S, C], positions + level embedding [N, S, C], padding mask [N, S],
+    [(H_l, W_l)], valid ratios [N, L, 2] (x, y))."""
+    srcs, poss, pmasks, shapes, ratios = [], [], [], [], []
+    for lvl, (x, m) in enumerate(zip(maps, masks)):
+        h, w = x.shape[-2:]
+        shapes.append((h, w))
+        pos = position_embedding(m).to(x.dtype)
+        srcs.append(x.flatten(2).transpose(1, 2))
+        poss.append(pos.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1))
+        pmasks.append(m.flatten(1))
+        valid_h = (~m[:, :, 0]).sum(1).float() / h
+        valid_w = (~m[:, 0, :]).sum(1).float() / w
+        ratios.append(torch.stack([valid_w, valid_h], -1))
+    return (torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pmasks, 1), shapes,
+            torch.stack(ratios, 1))
+
+
 @META_ARCH_REGISTRY.register()
 class ISDA(nn.Module):
     """ISDA instance segmentation (NMS-free set prediction with position-aware mask kernels).
@@ -138,31 +167,17 @@ class ISDA(nn.Module):
         # CUDA keeps the natural layout (prefers_channels_last)
         if prefers_channels_last(images.device):
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(images)
-        maps = self.mapper([feats[f] for f in self.in_features])
-        strides = [4, 8, 16, 32, 64][-len(maps):]
-        masks = [F.interpolate(pad_mask[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
-        return dict(zip(strides, maps)), dict(zip(strides, masks))
+        return pyramid(self.backbone, self.mapper, self.in_features, images, pad_mask)
 
     def flatten_levels(self, maps, masks):
         """P3..P6 -> flattened tokens for the transformer: src, pos (+ level embedding) [N, S, C],
         padding mask [N, S], spatial_shapes [L, 2], level_start_index [L], valid_ratios [N, L, 2]."""
-        srcs, poss, pmasks, shapes, ratios = [], [], [], [], []
-        for lvl, (x, m) in enumerate(zip(maps, masks)):
-            h, w = x.shape[-2:]
-            shapes.append((h, w))
-            pos = self.position_embedding(m).to(x.dtype)
-            srcs.append(x.flatten(2).transpose(1, 2))
-            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-            pmasks.append(m.flatten(1))
-            valid_h = (~m[:, :, 0]).sum(1).float() / h
-            valid_w = (~m[:, 0, :]).sum(1).float() / w
-            ratios.append(torch.stack([valid_w, valid_h], -1))
+        src, pos, token_mask, shapes, ratios = level_tokens(maps, masks, self.position_embedding,
+                                                            self.level_embed)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=self.device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        return (torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pmasks, 1), spatial_shapes,
-                level_start_index, torch.stack(ratios, 1))
+        return src, pos, token_mask, spatial_shapes, level_start_index, ratios
 
     def forward_features(self, batched_inputs):
         """Run everything up to the per-layer predictions.
