@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import isda.layers.ms_deform_attn as msda
+import isda.layers.ms_deform_attn_checks as msda_checks
 from isda.layers.ms_deform_attn import (
     MSDeformAttn,
     MSDeformAttnFunction,
@@ -267,11 +268,11 @@ def test_value_checks_run_on_cpu_tensors_only_unless_switched_on():
     meta = [t.to("meta") for t in (value, shapes, bad_starts, loc, attn)]
     with set_validation(False):
         assert not msda.get_validation()
-        msda._validate(*meta)  # nothing read from the device
+        msda_checks.validate_inputs(*meta)  # nothing read from the device
         with pytest.raises(ValueError, match="level_start_index"):
-            msda._validate(value, shapes, bad_starts, loc, attn)
+            msda_checks.validate_inputs(value, shapes, bad_starts, loc, attn)
         with pytest.raises(ValueError, match="attention_weights"):  # metadata: always checked
-            msda._validate(*meta[:4], meta[4][..., :1])
+            msda_checks.validate_inputs(*meta[:4], meta[4][..., :1])
         with set_validation(True):
             assert msda.get_validation()
         assert not msda.get_validation()
@@ -279,7 +280,7 @@ def test_value_checks_run_on_cpu_tensors_only_unless_switched_on():
 
 def test_validation_switch_from_the_environment():
     code = ("import importlib, os\n"
-            "import isda.layers.ms_deform_attn as m\n"
+            "import isda.layers.ms_deform_attn_checks as m\n"
             "on = m.get_validation()\n"
             "os.environ['ISDA_MSDA_VALIDATE'] = '0'\n"
             "print(on, importlib.reload(m).get_validation())\n")
