@@ -157,7 +157,7 @@ def main(argv=None) -> int:
 
     metrics = {
         "dataset": "nuclei_val", "config": args.config_file, "seed": args.seed,
-        "results": results, "git_commit": git_commit(), "weights": str(weights.relative_to(ROOT)),
+        "results": results, "git_commit": git_commit(), "weights": str(weights.relative_to(ROOT) if weights.is_relative_to(ROOT) else weights),
         "wall_seconds": {"train": round(t_train, 1), "eval": round(t_eval, 1),
                          "visualise": round(t_vis, 1), "total": round(time.time() - t_start, 1)},
         "threads": os.cpu_count(),
