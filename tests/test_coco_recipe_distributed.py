@@ -142,8 +142,7 @@ def test_coco_evaluator_runs_on_the_result(coco_recipe_run):
     metrics = [json.loads(x) for x in (coco_recipe_run / "metrics.json").read_text().splitlines()]
     segm = [m for m in metrics if "segm/AP" in m]
     assert segm, "COCOEvaluator did not report segm metrics"
-    log = (coco_recipe_run / "log.txt").read_text()
-    assert "Evaluate annotation type *segm*" in log
+    assert {"segm/AP", "segm/AP50", "segm/AP75"} <= set(segm[-1])
     assert (coco_recipe_run / "inference" / "voc_sample" / "coco_instances_results.json").is_file()
 
 
