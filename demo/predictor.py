@@ -27,6 +27,19 @@ def drawing_scale(height: int, width: int, min_side: int = 512) -> float:
     return max(1.0, min(4.0, min_side / max(1, min(height, width))))
 
 
+def drawing_metadata(metadata, names, num_classes: int):
+    """``metadata`` if its class names are ``names``; else metadata naming the classes
+    ``names`` when they cover all ``num_classes`` the model predicts, or none (numbers drawn)."""
+    names = list(names or [])
+    if len(names) < num_classes:
+        return MetadataCatalog.get("__isda_demo_no_names")
+    if names == list(metadata.get("thing_classes", [])):
+        return metadata
+    named = MetadataCatalog.get(f"__isda_demo_names_{abs(hash(tuple(names)))}")
+    named.set(thing_classes=names)
+    return named
+
+
 class VisualizationDemo:
     """Predict and draw: :meth:`run_on_image` for one image, :meth:`run_on_video` per frame."""
 
@@ -50,13 +63,7 @@ class VisualizationDemo:
             self.predictor = ISDAPredictor(cfg)
             num_classes = cfg.MODEL.ISDA.NUM_CLASSES
             names = self.metadata.get("thing_classes")
-        # class names only when they cover every class the model predicts (else numbers)
-        key = "__isda_demo_names" if names and len(names) >= num_classes else "__isda_demo_ids"
-        if key.endswith("names") and list(names) == list(self.metadata.get("thing_classes", [])):
-            return
-        self.metadata = MetadataCatalog.get(f"{key}_{abs(hash(tuple(names or ())))}")
-        if key.endswith("names"):
-            self.metadata.set(thing_classes=list(names))
+        self.metadata = drawing_metadata(self.metadata, names, num_classes)
 
     def _predict(self, image, image_format):
         instances = self.predictor(image, image_format=image_format)["instances"].to("cpu")
