@@ -99,3 +99,17 @@ def resolve_device(cfg) -> str:
             logging.getLogger("isda").warning(
                 "MODEL.DEVICE auto: no CUDA device available, running on the CPU")
     return cfg.MODEL.DEVICE
+
+
+def with_resolved_device(cfg):
+    """``cfg`` itself, or for ``MODEL.DEVICE auto`` a copy (frozen like ``cfg``) with the device
+    resolved by :func:`resolve_device`."""
+    if cfg.MODEL.DEVICE != "auto":
+        return cfg
+    out = cfg.clone()
+    frozen = out.is_frozen()
+    out.defrost()
+    resolve_device(out)
+    if frozen:
+        out.freeze()
+    return out

@@ -30,7 +30,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 from .checkpoint import ISDACheckpointer
-from .config import resolve_device
+from .config import with_resolved_device
 
 __all__ = ["ISDAPredictor", "build_isda_predictor", "check_image"]
 
@@ -78,11 +78,7 @@ class ISDAPredictor(DefaultPredictor):
     module docstring)."""
 
     def __init__(self, cfg):  # noqa: D107  (DefaultPredictor.__init__ is replaced, not extended)
-        self.cfg = cfg.clone()
-        if self.cfg.MODEL.DEVICE == "auto":  # CUDA when available, else the CPU (one warning)
-            self.cfg.defrost()
-            resolve_device(self.cfg)
-            self.cfg.freeze()
+        self.cfg = with_resolved_device(cfg.clone())  # MODEL.DEVICE auto: CUDA, else the CPU
         self.model = build_model(self.cfg)
         self.model.eval()
         if len(cfg.DATASETS.TEST):

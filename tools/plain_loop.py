@@ -55,12 +55,9 @@ class MinimalInstanceMapper:
 def build_plain_training(cfg):
     """-> (model seeded with ``cfg.SEED``, list of mapped training dicts, AdamW optimizer)."""
     torch.manual_seed(cfg.SEED)
-    if cfg.MODEL.DEVICE == "auto":
-        from isda.config import resolve_device
+    from isda.config import with_resolved_device
 
-        cfg = cfg.clone()
-        cfg.defrost()
-        resolve_device(cfg)
+    cfg = with_resolved_device(cfg)
     model = build_model(cfg)
     mapper = MinimalInstanceMapper(cfg, is_train=True)
     data = [mapper(d) for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)]
