@@ -7,18 +7,25 @@ parameters and FLOPs, both random-init with 80 classes, on the same input.
     python benchmarks/isda_vs_maskrcnn.py --quick            # smoke test, 512x768
     python benchmarks/isda_vs_maskrcnn.py --sizes 480x736 640x960 800x1216 --plot docs/latency_vs_size.png
     python benchmarks/isda_vs_maskrcnn.py --profile          # ISDA per-stage breakdown (see profile_isda.py)
+    python benchmarks/isda_vs_maskrcnn.py --no-flops --memory-repeats 5
 
 Fair work: both return exactly 100 instances per image (Mask R-CNN with SCORE_THRESH_TEST 0 and
 100 detections, so its mask head runs on 100 boxes; ISDA its top-100), post-processing included;
 training steps (batch 1, forward + backward + optimizer step, each model's own optimizer) use the
-same ground truth (10 objects with masks). Timings alternate the two models; each memory figure
-comes from a fresh subprocess (peak RSS ``VmHWM`` minus the RSS after the model is built). The
-last stdout line is one JSON object.
+same ground truth (10 objects with masks). Timings alternate the two models (inference also
+alternates ISDA with ``MODEL.ISDA.TEST.PRECISION bf16``: ``bf16_infer_ratio`` = bf16 / fp32);
+each memory figure comes from a fresh subprocess (peak RSS ``VmHWM`` minus the RSS after the
+model is built), ``--memory-repeats`` times per (model, pass), the models alternating: peaks and
+ratios are medians, their spreads min-max over the repeats (a ratio's repeat i pairs the i-th
+ISDA and Mask R-CNN processes). ``train_ratio`` is the ratio of the median step times, its
+spread min-max of the per-round ratios. The last stdout line is one JSON object.
 """
 import argparse
 import json
 import os
+import statistics
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -40,6 +47,24 @@ def time_alternating(models, fn, repeats, warmup):
     return {m: v / 1e3 for m, v in ms.items()}
 
 
+def time_rounds(models, fn, repeats, warmup):
+    """Seconds of ``fn(name)`` per model and round, the order reversed every other round (as
+    :func:`side_by_side.alternating_medians`) -> {name: [seconds per timed round]}."""
+    times = {m: [] for m in models}
+    for i in range(warmup + repeats):
+        for m in (models if i % 2 == 0 else models[::-1]):
+            t0 = time.perf_counter()
+            fn(m)
+            if i >= warmup:
+                times[m].append(time.perf_counter() - t0)
+    return times
+
+
+def spread(values, ndigits=3):
+    """[min, max] of ``values``, rounded."""
+    return [round(min(values), ndigits), round(max(values), ndigits)]
+
+
 def _rss_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -50,9 +75,11 @@ def _rss_kb(field):
 
 def memory_worker(name, mode, h, w, threads):
     """Runs in a fresh process: peak RSS added by two passes (MB) over the RSS once the model,
-    its optimizer and the input exist."""
+    its optimizer and the input exist. ``name`` "isda_bf16": ISDA with TEST.PRECISION bf16."""
     set_threads(threads)
-    model, opt = build(name)
+    model, opt = build("isda" if name == "isda_bf16" else name)
+    if name == "isda_bf16":
+        model.test_precision = "bf16"
     sample = make_input(h, w)
     try:  # reset VmHWM so that transients of the model build do not count
         with open("/proc/self/clear_refs", "w") as f:
@@ -73,6 +100,29 @@ def measure_memory(name, mode, h, w, threads):
            "--threads", str(threads), "--allocator", os.environ.get("ISDA_CPU_ALLOCATOR", "keep")]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
+
+
+def memory_figures(report, runs, h, w, threads, repeats):
+    """``runs``: [(model name, pass)]; each measured ``repeats`` times in fresh processes, the
+    runs alternating within a repeat. Stores ``{name}_{pass}_peak_mb`` (median) and
+    ``..._spread`` ([min, max]) in ``report``; -> {(name, pass): [MB per repeat]}."""
+    peaks = {r: [] for r in runs}
+    for i in range(repeats):
+        for name, mode in (runs if i % 2 == 0 else runs[::-1]):
+            peaks[(name, mode)].append(measure_memory(name, mode, h, w, threads))
+        print(f"  repeat {i + 1}/{repeats}: " + "  ".join(
+            f"{n} {m} {v[-1]:.0f} MB" for (n, m), v in peaks.items()), flush=True)
+    for (name, mode), v in peaks.items():
+        report[f"{name}_{mode}_peak_mb"] = round(statistics.median(v), 1)
+        report[f"{name}_{mode}_peak_mb_spread"] = spread(v, 1)
+    return peaks
+
+
+def paired_ratio(report, key, num, den):
+    """Median and [min, max] of the per-repeat ratios ``num[i] / den[i]``."""
+    ratios = [a / b for a, b in zip(num, den)]
+    report[key] = round(statistics.median(ratios), 3)
+    report[key + "_spread"] = spread(ratios)
 
 
 class _Traceable(nn.Module):
@@ -151,6 +201,11 @@ def main(argv=None):
     p.add_argument("--size-repeats", type=int, default=3, help="repeats per --sizes entry")
     p.add_argument("--plot", default=None, help="PNG path for the latency-vs-size plot")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) fvcore tracing")
+    p.add_argument("--memory-repeats", type=int, default=None,
+                   help="fresh processes per memory figure (median and min-max reported; "
+                        "default: 1 quick, 3 full)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip ISDA's bf16 inference (TEST.PRECISION bf16) latency and memory")
     p.add_argument("--profile", action="store_true", help="ISDA per-stage breakdown only")
     p.add_argument("--allocator", choices=("keep", "system"), default="keep",
                    help="glibc policy for both models: 'keep' freed memory in the heap, as "
@@ -179,10 +234,12 @@ def main(argv=None):
 
     repeats = args.repeats or (3 if args.quick else 10)
     train_repeats = args.train_repeats or (2 if args.quick else 6)
+    memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     models = {m: build(m) for m in MODELS}
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
-              "allocator": args.allocator,
-              "infer_repeats": repeats, "train_repeats": train_repeats}
+              "allocator": args.allocator, "infer_repeats": repeats,
+              "train_repeats": train_repeats, "memory_repeats": memory_repeats,
+              "spreads": "min-max over the repeats"}
 
     rows = []
     if args.sizes:
@@ -191,25 +248,39 @@ def main(argv=None):
         rows = latency_vs_size(models, sizes, args.size_repeats, 1)
 
     sample = make_input(h, w)
-    print(f"inference {h}x{w}, {repeats} repeats", flush=True)
-    inf = time_alternating(list(MODELS), lambda m: infer(models[m][0], sample), repeats, 1)
+    # ISDA in bf16 is the same model object with TEST.PRECISION switched for its calls
+    isda_model = models["isda"][0]
+
+    def run_infer(m):
+        isda_model.test_precision = "bf16" if m == "isda_bf16" else "fp32"
+        return infer(models["isda" if m == "isda_bf16" else m][0], sample)
+
+    infer_names = list(MODELS) + ([] if args.no_bf16 else ["isda_bf16"])
+    print(f"inference {h}x{w}, {repeats} repeats ({', '.join(infer_names)})", flush=True)
+    inf_t = time_rounds(infer_names, run_infer, repeats, 1)
+    isda_model.test_precision = "fp32"
+    inf = {m: statistics.median(v) for m, v in inf_t.items()}
     print(f"training {h}x{w}, {train_repeats} repeats", flush=True)
-    tr = time_alternating(list(MODELS), lambda m: train_step(*models[m], sample), train_repeats, 1)
+    tr_t = time_rounds(list(MODELS), lambda m: train_step(*models[m], sample), train_repeats, 1)
+    tr = {m: statistics.median(v) for m, v in tr_t.items()}
     for m in MODELS:
         report[f"{m}_infer_ms"] = round(inf[m] * 1e3, 1)
         report[f"{m}_train_ms"] = round(tr[m] * 1e3, 1)
         report[f"{m}_params_m"] = round(sum(p.numel() for p in models[m][0].parameters()) / 1e6, 2)
-    del models
+    if not args.no_bf16:
+        report["isda_bf16_infer_ms"] = round(inf["isda_bf16"] * 1e3, 1)
+    del models, isda_model
     if args.sizes:  # the main size joins the curve with its (more repeated) medians
         rows = sorted(rows + [{"size": [h, w], **{f"{m}_ms": report[f"{m}_infer_ms"]
                                                   for m in MODELS}}], key=lambda r: r["size"])
         report["latency_vs_size"] = rows
         if args.plot:
             plot(rows, args.plot)
-    print("memory (fresh subprocesses)", flush=True)
-    for mode, key in (("infer", "infer_peak_mb"), ("train", "train_peak_mb")):
-        for m in MODELS:
-            report[f"{m}_{key}"] = measure_memory(m, mode, h, w, args.threads)
+    print(f"memory (fresh subprocesses, {memory_repeats} repeats)", flush=True)
+    runs = [(m, mode) for mode in ("infer", "train") for m in MODELS]
+    if not args.no_bf16:
+        runs.append(("isda_bf16", "infer"))
+    peaks = memory_figures(report, runs, h, w, args.threads, memory_repeats)
     if not args.no_flops:
         print("FLOPs (fvcore)", flush=True)
         for m in MODELS:
@@ -217,12 +288,20 @@ def main(argv=None):
             report[f"{m}_gflops"] = round(count_flops(model, sample) / 1e9, 1)
             del model
     report["infer_ratio"] = round(inf["isda"] / inf["maskrcnn"], 3)
+    report["infer_ratio_spread"] = spread([a / b for a, b in zip(inf_t["isda"], inf_t["maskrcnn"])])
     report["train_ratio"] = round(tr["isda"] / tr["maskrcnn"], 3)
-    report["mem_ratio"] = round(report["isda_infer_peak_mb"] / report["maskrcnn_infer_peak_mb"], 3)
-    report["train_mem_ratio"] = round(
-        report["isda_train_peak_mb"] / report["maskrcnn_train_peak_mb"], 3)
-    targets = {"infer_ratio": 1.0, "train_ratio": 1.5, "mem_ratio": 1.2}
-    report["targets_met"] = {k: report[k] <= v for k, v in targets.items()}
+    report["train_ratio_spread"] = spread([a / b for a, b in zip(tr_t["isda"], tr_t["maskrcnn"])])
+    paired_ratio(report, "mem_ratio", peaks[("isda", "infer")], peaks[("maskrcnn", "infer")])
+    paired_ratio(report, "train_mem_ratio", peaks[("isda", "train")], peaks[("maskrcnn", "train")])
+    if not args.no_bf16:
+        report["bf16_infer_ratio"] = round(inf["isda_bf16"] / inf["isda"], 3)
+        report["bf16_infer_ratio_spread"] = spread(
+            [a / b for a, b in zip(inf_t["isda_bf16"], inf_t["isda"])])
+        paired_ratio(report, "bf16_mem_ratio", peaks[("isda_bf16", "infer")],
+                     peaks[("maskrcnn", "infer")])
+    targets = {"infer_ratio": 1.0, "train_ratio": 1.2, "mem_ratio": 1.0, "train_mem_ratio": 1.2,
+               "bf16_infer_ratio": 0.6}
+    report["targets_met"] = {k: report[k] <= v for k, v in targets.items() if k in report}
     print(json.dumps(report))
 
 

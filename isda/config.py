@@ -49,6 +49,10 @@ def add_isda_config(cfg):
     isda.TEST.MASK_THRESHOLD = 0.5
     # pixels per chunk when upsampling masks to the original size (bounds peak memory)
     isda.TEST.CHUNK_PIXELS = 1 << 25
+    # "fp32", or "bf16": inference runs the network under bf16 autocast (about 2x the
+    # arithmetic rate on CPUs with AVX512-BF16 / AMX; docs/benchmarks.md), the mask product and
+    # post-processing in fp32; evaluation, the predictor and the demo all follow it
+    isda.TEST.PRECISION = "fp32"
     # weights loading for evaluation and the demo (train_net.py --eval-only, ISDAPredictor) is
     # strict: missing, unexpected or mis-shaped parameters, or MODEL.WEIGHTS "", stop with the
     # list of what did not load. True accepts a partial load (training always does: fine-tuning

@@ -8,7 +8,7 @@ with the bias added inside the kernel instead of being copied into the output fi
 arithmetic, different summation order (results agree to float rounding).
 
 :class:`TokenLinear` is a drop-in subclass of ``nn.Linear`` (same parameters, state dict and
-initialisation); it takes the convolution path for float32 CPU inputs with at least
+initialisation); it takes the convolution path for float32 or bfloat16 CPU inputs with at least
 ``MIN_ROWS`` rows when oneDNN is available, and ``F.linear`` otherwise (GPU, small inputs,
 other dtypes). The model uses it only after :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths`
 (config key ``MODEL.CPU_FAST_PATHS``).
@@ -22,10 +22,13 @@ from torch import nn
 __all__ = ["TokenLinear", "token_linear"]
 
 MIN_ROWS = 1024
+#: fp32, and bf16 (``MODEL.ISDA.TEST.PRECISION bf16``: under CPU autocast a Linear layer's input
+#: may already be bf16; oneDNN's bf16 convolution uses the CPU's AVX512-BF16 / AMX instructions)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES
             and x.dim() >= 2 and x.numel() >= MIN_ROWS * x.shape[-1]
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

@@ -75,11 +75,16 @@ class ISDA(nn.Module):
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
-                 cpu_fast_paths=False):
+                 cpu_fast_paths=False, test_precision="fp32"):
         """``cpu_fast_paths``: convert the built model with
         :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
-        CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch."""
+        CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
+        ``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
+        up to the mask features under bf16 autocast (post-processing stays fp32)."""
         super().__init__()
+        if test_precision not in ("fp32", "bf16"):
+            raise ValueError(f"MODEL.ISDA.TEST.PRECISION must be fp32 or bf16, got {test_precision!r}")
+        self.test_precision = test_precision
         self.backbone = backbone
         self.in_features = in_features
         self.mapper = mapper
@@ -139,7 +144,7 @@ class ISDA(nn.Module):
             "mask_feature_source": c.MASK_FEATURE_SOURCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
-            "chunk_pixels": c.TEST.CHUNK_PIXELS,
+            "chunk_pixels": c.TEST.CHUNK_PIXELS, "test_precision": c.TEST.PRECISION,
             "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
         }
 
@@ -230,14 +235,21 @@ class ISDA(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs):
-        out = self.forward_features(batched_inputs)
+        if not self.training and self.test_precision == "bf16":
+            # TEST.PRECISION bf16: the network under bf16 autocast (oneDNN's bf16 kernels on
+            # the CPU); the mask product and the post-processing below run in fp32
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                out = self.forward_features(batched_inputs)
+        else:
+            out = self.forward_features(batched_inputs)
         mask_features = out["mask_features"]
         if self.training:
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
             # mask logits are computed inside, with gradient only for the matched queries
             return self.criterion(out["logits"], out["kernels"], mask_features, targets)
 
-        logits, kernels = out["logits"][-1], out["kernels"][-1]
+        logits, kernels = out["logits"][-1].float(), out["kernels"][-1].float()
+        mask_features = mask_features.float()  # no-ops in fp32
         # NaN / inf outputs would become NaN scores and a meaningless AP: refuse to report them
         check_finite([("class logits", logits), ("mask kernels", kernels),
                       ("mask features", mask_features)], "predictions (inference)")
