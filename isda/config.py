@@ -36,6 +36,14 @@ def add_isda_config(cfg):
     isda.FOCAL_ALPHA = 0.25
     isda.FOCAL_GAMMA = 2.0
     isda.DEEP_SUPERVISION = True
+    # training-only query groups for faster convergence (docs/model.md, "Convergence options"):
+    # AUX_GROUPS extra groups of NUM_QUERIES queries, decoded with self-attention inside each
+    # group and matched on their own; every GT instance matched AUX_GROUP_REPEATS times in each
+    # extra group (1: Group DETR, > 1: H-DETR's one-to-many branch); their losses x
+    # AUX_LOSS_WEIGHT. Inference uses the model's own NUM_QUERIES only. 0 = the paper's model
+    isda.AUX_GROUPS = 0
+    isda.AUX_GROUP_REPEATS = 1
+    isda.AUX_LOSS_WEIGHT = 1.0
     # mask branch
     isda.MASK_STRIDE = 4  # 8, 4 or 2
     isda.MASK_COORDS = True  # "MP": coordinates concatenated to the stride-32 input
@@ -70,6 +78,12 @@ def add_isda_config(cfg):
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.SAMPLING_OFFSET_MULTIPLIER = 0.1
     cfg.SOLVER.REFERENCE_POINT_MULTIPLIER = 0.1
+    # a schedule that follows SOLVER.MAX_ITER: when WARMUP_FRACTION > 0, WARMUP_ITERS =
+    # round(WARMUP_FRACTION x MAX_ITER); when STEP_FRACTIONS is not empty, STEPS = those fractions
+    # of MAX_ITER (isda/solver.py, build_isda_lr_scheduler). For SOLVER.LR_SCHEDULER_NAME
+    # "WarmupCosineLR" the decay follows MAX_ITER by itself
+    cfg.SOLVER.WARMUP_FRACTION = 0.0
+    cfg.SOLVER.STEP_FRACTIONS = ()
     # a training run started without --resume in an OUTPUT_DIR that holds an earlier run
     # (last_checkpoint, model_*.pth, losses.jsonl, metrics.json): "refuse" (stop, nothing
     # changed) or "move" (the earlier run's files go to OUTPUT_DIR/previous-<timestamp>/ first).

@@ -59,3 +59,35 @@ def build_isda_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         optim_cls = _full_model_clipping(optim_cls, clip.CLIP_VALUE)
         return optim_cls(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
     return maybe_add_gradient_clipping(cfg, optim_cls)(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+
+
+def resolve_schedule(cfg):
+    """A copy of ``cfg`` whose ``SOLVER.WARMUP_ITERS`` and ``SOLVER.STEPS`` follow
+    ``SOLVER.MAX_ITER`` (``SOLVER.WARMUP_FRACTION`` > 0, ``SOLVER.STEP_FRACTIONS`` not empty); the
+    same ``cfg`` when neither is set."""
+    s = cfg.SOLVER
+    frac_warmup = float(s.get("WARMUP_FRACTION", 0.0))
+    frac_steps = tuple(s.get("STEP_FRACTIONS", ()))
+    if frac_warmup <= 0 and not frac_steps:
+        return cfg
+    for name, v in [("WARMUP_FRACTION", frac_warmup)] + [("STEP_FRACTIONS", f) for f in frac_steps]:
+        if not 0 <= float(v) < 1:
+            raise ValueError(f"SOLVER.{name}: fractions of SOLVER.MAX_ITER must be in [0, 1), "
+                             f"got {v}")
+    out = cfg.clone()
+    out.defrost()
+    if frac_warmup > 0:
+        out.SOLVER.WARMUP_ITERS = max(1, round(frac_warmup * s.MAX_ITER))
+    if frac_steps:
+        out.SOLVER.STEPS = tuple(max(1, round(f * s.MAX_ITER)) for f in sorted(frac_steps))
+    if cfg.is_frozen():
+        out.freeze()
+    return out
+
+
+def build_isda_lr_scheduler(cfg, optimizer):
+    """Detectron2's scheduler (``SOLVER.LR_SCHEDULER_NAME``) on :func:`resolve_schedule`'s
+    warm-up and steps."""
+    from detectron2.solver import build_lr_scheduler
+
+    return build_lr_scheduler(resolve_schedule(cfg), optimizer)

@@ -30,7 +30,7 @@ from ..checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, ISDAC
                           atomic_write_text, clean_stale_temp_files)
 from ..data.catalog import dataset_dicts
 from ..data.dataset_mapper import ISDADatasetMapper
-from ..solver import build_isda_optimizer
+from ..solver import build_isda_lr_scheduler, build_isda_optimizer
 from ..utils.env import detectron2_has_compiled_ops
 from .hooks import BadSampleCounter, LossLogger, RNGStateHook, StrictJSONWriter, dumps_strict
 from .loader import build_resumable_train_loader
@@ -202,6 +202,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_isda_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # warm-up and steps may be fractions of SOLVER.MAX_ITER (SOLVER.WARMUP_FRACTION,
+        # SOLVER.STEP_FRACTIONS)
+        return build_isda_lr_scheduler(cfg, optimizer)
 
 
 def save_results(cfg, results) -> str:

@@ -108,7 +108,7 @@ class ExportableISDA(nn.Module):
         self.mask_stride = plain.mask_stride
         self.mask_feature_source = plain.mask_feature_source
         self.mask_threshold = plain.mask_threshold
-        num_queries = plain.decoder.query_embed.weight.shape[0]
+        num_queries = plain.decoder.num_queries
         self.num_classes = plain.heads.class_embed.out_features
         self.topk = min(int(topk if topk is not None else plain.test_topk),
                         num_queries * self.num_classes)

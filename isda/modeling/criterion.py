@@ -73,11 +73,23 @@ def num_instances_normaliser(targets, device):
 
 class SetCriterion(nn.Module):
     """Focal loss over all queries and dice loss over matched queries, normalised by the number of
-    GT instances; applied to every decoder layer's predictions when ``deep_supervision``."""
+    GT instances; applied to every decoder layer's predictions when ``deep_supervision``.
+
+    Training-only query groups (``aux_groups`` > 0; the decoder then returns
+    ``(1 + aux_groups) x num_queries`` queries, the model's own first): each extra group is matched
+    on its own, every GT instance ``aux_repeats`` times (1: Group DETR's one-to-one groups;
+    > 1: H-DETR's one-to-many branch), and its losses, normalised by ``aux_repeats`` x the number
+    of instances and weighted by ``aux_weight``, are summed into ``loss_focal_aux`` /
+    ``loss_dice_aux`` (with the layer suffix)."""
 
     def __init__(self, num_classes, matcher, focal_weight=2.0, dice_weight=3.0, focal_alpha=0.25,
-                 focal_gamma=2.0, deep_supervision=True):
+                 focal_gamma=2.0, deep_supervision=True, num_queries=None, aux_groups=0,
+                 aux_repeats=1, aux_weight=1.0):
         super().__init__()
+        if aux_groups and not num_queries:
+            raise ValueError("query groups need num_queries (the queries per group)")
+        if aux_repeats < 1:
+            raise ValueError(f"MODEL.ISDA.AUX_GROUP_REPEATS must be >= 1, got {aux_repeats}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.focal_weight = focal_weight
@@ -85,6 +97,10 @@ class SetCriterion(nn.Module):
         self.alpha = focal_alpha
         self.gamma = focal_gamma
         self.deep_supervision = deep_supervision
+        self.num_queries = num_queries
+        self.aux_groups = aux_groups
+        self.aux_repeats = aux_repeats
+        self.aux_weight = aux_weight
 
     def layer_losses(self, logits, src_masks, indices, targets, num_inst):
         """logits: [N, Q, K]; src_masks: [M, P] mask logits of the matched queries (image order,
@@ -104,6 +120,19 @@ class SetCriterion(nn.Module):
         loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
         return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
 
+    def _match(self, logits, kernels, mask_features, targets, repeats, layer, loss_names):
+        try:
+            return self.matcher(logits.float(), kernels.detach(), mask_features.detach(), targets,
+                                repeats=repeats)
+        except ValueError as e:
+            # finite but extreme outputs can still overflow inside the matching cost
+            if "invalid numeric entries" not in str(e):
+                raise
+            raise FloatingPointError(
+                f"Non-finite Hungarian matching cost of decoder layer {layer} (finite but "
+                f"extreme model outputs overflowed: {e}). Losses not computed: "
+                f"{', '.join(loss_names)}") from None
+
     def forward(self, all_logits, all_kernels, mask_features, targets):
         """all_logits: [layers, N, Q, K]; all_kernels: [layers, N, Q, D] mask kernels applied to
         ``mask_features`` [N, D, H, W] (the mask logits of every query are only computed without
@@ -114,32 +143,42 @@ class SetCriterion(nn.Module):
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
         layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
-        loss_names = [f"{k}{'' if l == n_layers - 1 else f'_{l}'}"
-                      for l in layers for k in ("loss_focal", "loss_dice")]
+        groups = 1 + self.aux_groups if all_logits.shape[2] != self.num_queries else 1
+        if self.num_queries and all_logits.shape[2] != self.num_queries * groups:
+            raise ValueError(f"{all_logits.shape[2]} queries: expected {self.num_queries} x "
+                             f"{groups} groups")
+        q = all_logits.shape[2] // groups
+        # (group, layer) pairs, the model's own group first
+        jobs = [(g, l) for g in range(groups) for l in layers]
+        names = [f"{k}{'_aux' if g else ''}{'' if l == n_layers - 1 else f'_{l}'}"
+                 for g, l in jobs for k in ("loss_focal", "loss_dice")]
+        loss_names = list(dict.fromkeys(names))
         # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
         # with their names, not inside scipy's assignment solver
         outputs = [("class logits", all_logits), ("mask kernels", all_kernels),
                    ("mask features", mask_features)]
         check_finite(outputs, "model outputs before Hungarian matching", loss_names)
-        all_indices = []
-        for l in layers:
-            try:
-                all_indices.append(self.matcher(all_logits[l].float(), all_kernels[l].detach(),
-                                                mask_features.detach(), targets))
-            except ValueError as e:
-                # finite but extreme outputs can still overflow inside the matching cost
-                if "invalid numeric entries" not in str(e):
-                    raise
-                raise FloatingPointError(
-                    f"Non-finite Hungarian matching cost of decoder layer {l} (finite but "
-                    f"extreme model outputs overflowed: {e}). Losses not computed: "
-                    f"{', '.join(loss_names)}") from None
-        src = matched_kernel_masks(all_kernels[layers], mask_features, all_indices)
+        all_indices = [
+            self._match(all_logits[l, :, g * q:(g + 1) * q], all_kernels[l, :, g * q:(g + 1) * q],
+                        mask_features, targets, self.aux_repeats if g else 1, l, loss_names)
+            for g, l in jobs]
+        if groups == 1:
+            kernels = all_kernels[layers]
+        else:
+            kernels = torch.stack([all_kernels[l, :, g * q:(g + 1) * q] for g, l in jobs])
+        src = matched_kernel_masks(kernels, mask_features, all_indices)
         losses = {}
-        for l, indices, src_masks in zip(layers, all_indices, src):
-            out = self.layer_losses(all_logits[l].float(), src_masks, indices, targets, num_inst)
-            suffix = "" if l == n_layers - 1 else f"_{l}"
-            losses.update({k + suffix: v for k, v in out.items()})
+        for (g, l), indices, src_masks in zip(jobs, all_indices, src):
+            if g == 0:
+                norm, weight = num_inst, 1.0
+            else:
+                norm, weight = num_inst * self.aux_repeats, self.aux_weight
+            out = self.layer_losses(all_logits[l, :, g * q:(g + 1) * q].float(), src_masks,
+                                    indices, targets, norm)
+            suffix = ("_aux" if g else "") + ("" if l == n_layers - 1 else f"_{l}")
+            for k, v in out.items():
+                key = k + suffix
+                losses[key] = losses[key] + weight * v if key in losses else weight * v
         return losses
 
 

@@ -1,4 +1,8 @@
-"""Deformable transformer decoder: learned queries, fixed (not refined) reference points."""
+"""Deformable transformer decoder: learned queries, fixed (not refined) reference points.
+
+Optional training-only query groups (``MODEL.ISDA.AUX_GROUPS``, Group DETR / H-DETR): extra sets
+of learned queries decoded alongside the model's own, each attending only to its own group in the
+self-attention (the groups are folded into the batch there), never used at inference."""
 import torch
 from torch import nn
 
@@ -25,10 +29,18 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask):
-        """tgt, query_pos: [N, Q, C]; reference_points: [N, Q, L, 2]; memory: [N, S, C]."""
+                memory_padding_mask, groups=1):
+        """tgt, query_pos: [N, Q, C] (Q = groups x queries per group); reference_points:
+        [N, Q, L, 2]; memory: [N, S, C]. Self-attention stays within each group of Q / groups
+        consecutive queries."""
+        n, nq, c = tgt.shape
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        if groups == 1:
+            tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        else:  # block-diagonal attention = the groups as separate batch entries
+            fold = lambda x: x.reshape(n * groups, nq // groups, c)  # noqa: E731
+            tgt2 = self.self_attn(fold(q), fold(k), fold(tgt), need_weights=False)[0]
+            tgt2 = tgt2.reshape(n, nq, c)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                level_start_index, memory_padding_mask)
@@ -42,12 +54,15 @@ class DeformableDecoder(nn.Module):
     by ``num_layers`` :class:`DeformableDecoderLayer`.
 
     Reference points are ``sigmoid(Linear(query position))`` (x, y) in the valid image frame and
-    stay fixed across layers.
+    stay fixed across layers. ``aux_groups`` extra groups of ``num_queries`` queries are decoded
+    in training only (their embeddings follow the model's own in ``query_embed``).
     """
 
-    def __init__(self, num_queries=300, num_layers=6, d_model=256, **layer_kwargs):
+    def __init__(self, num_queries=300, num_layers=6, d_model=256, aux_groups=0, **layer_kwargs):
         super().__init__()
-        self.query_embed = nn.Embedding(num_queries, 2 * d_model)
+        self.num_queries = num_queries
+        self.aux_groups = aux_groups
+        self.query_embed = nn.Embedding(num_queries * (1 + aux_groups), 2 * d_model)
         self.reference_points = nn.Linear(d_model, 2)
         nn.init.xavier_uniform_(self.reference_points.weight)
         nn.init.zeros_(self.reference_points.bias)
@@ -57,9 +72,12 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         """memory: [N, S, C]; valid_ratios: [N, L, 2] ->
-        (hidden states [num_layers, N, Q, C], reference points [N, Q, 2] in [0, 1])."""
+        (hidden states [num_layers, N, Q, C], reference points [N, Q, 2] in [0, 1]), with
+        Q = num_queries, or (1 + aux_groups) x num_queries in training (the model's own first)."""
         n = memory.shape[0]
-        query_pos, tgt = self.query_embed.weight.split(memory.shape[-1], dim=1)
+        groups = 1 + self.aux_groups if self.training else 1
+        embed = self.query_embed.weight[:self.num_queries * groups]
+        query_pos, tgt = embed.split(memory.shape[-1], dim=1)
         query_pos = query_pos[None].expand(n, -1, -1)
         tgt = tgt[None].expand(n, -1, -1)
         reference_points = self.reference_points(query_pos).sigmoid()
@@ -67,6 +85,6 @@ class DeformableDecoder(nn.Module):
         hs = []
         for layer in self.layers:
             tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index,
-                        padding_mask)
+                        padding_mask, groups)
             hs.append(tgt)
         return torch.stack(hs), reference_points

@@ -55,11 +55,13 @@ class HungarianMatcher(nn.Module):
         return self.cost_class * c_cls + self.cost_mask * (1 - iou)
 
     @torch.no_grad()
-    def forward(self, logits, kernels, mask_features, targets):
+    def forward(self, logits, kernels, mask_features, targets, repeats=1):
         """logits: [N, Q, K]; mask logits given as kernels [N, Q, D] applied to mask features
         [N, D, H, W] (:func:`soft_mask_iou_from_kernels`: the [N, Q, H, W] logits are never
         materialised); targets: list of dicts with "labels" [G] and "masks" [G, H, W] -> list
-        of (query indices, target indices) int64 pairs."""
+        of (query indices, target indices) int64 pairs. ``repeats`` > 1: one-to-many matching,
+        every target matched to up to ``repeats`` queries (the assignment of ``repeats`` copies
+        of each target; the indices returned are the original targets')."""
         n, d = mask_features.shape[:2]
         feats = mask_features.reshape(n, d, -1)
 
@@ -68,10 +70,10 @@ class HungarianMatcher(nn.Module):
                                              t["masks"].flatten(1).float())
             return self.cost(logits[i], t["labels"], iou)
 
-        return self._assign(targets, cost)
+        return self._assign(targets, cost, repeats)
 
     @staticmethod
-    def _assign(targets, cost_fn):
+    def _assign(targets, cost_fn, repeats=1):
         out = []
         for i, t in enumerate(targets):
             if len(t["labels"]) == 0:
@@ -79,6 +81,10 @@ class HungarianMatcher(nn.Module):
                 out.append((empty, empty))
                 continue
             c = cost_fn(i, t).cpu()
+            num_targets = c.shape[1]
+            if repeats > 1:
+                c = c.repeat(1, repeats)
             q, g = linear_sum_assignment(c.numpy())
-            out.append((torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(g, dtype=torch.int64)))
+            g = torch.as_tensor(g, dtype=torch.int64) % num_targets
+            out.append((torch.as_tensor(q, dtype=torch.int64), g))
         return out

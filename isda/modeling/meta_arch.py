@@ -127,7 +127,8 @@ class ISDA(nn.Module):
                             n_levels=c.NUM_FEATURE_LEVELS, n_heads=c.NHEADS, n_points=c.NUM_POINTS)
         encoder = DeformableEncoder(c.ENC_LAYERS, **layer_kwargs)
         layer_kwargs.pop("d_model")
-        decoder = DeformableDecoder(c.NUM_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM, **layer_kwargs)
+        decoder = DeformableDecoder(c.NUM_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM,
+                                    aux_groups=c.AUX_GROUPS, **layer_kwargs)
         _reset_transformer_parameters(encoder)
         _reset_transformer_parameters(decoder.layers)
         mask_head = MaskFeatureHead(c.HIDDEN_DIM, c.MASK_FEATURE_DIM, c.MASK_OUT_DIM, c.MASK_STRIDE,
@@ -135,7 +136,9 @@ class ISDA(nn.Module):
         heads = ISDAHeads(c.HIDDEN_DIM, c.NUM_CLASSES, c.MASK_OUT_DIM, c.KERNEL_REF_POINTS)
         matcher = HungarianMatcher(c.COST_CLASS, c.COST_MASK, c.FOCAL_ALPHA, c.FOCAL_GAMMA)
         criterion = SetCriterion(c.NUM_CLASSES, matcher, c.FOCAL_WEIGHT, c.DICE_WEIGHT,
-                                 c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DEEP_SUPERVISION)
+                                 c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DEEP_SUPERVISION,
+                                 num_queries=c.NUM_QUERIES, aux_groups=c.AUX_GROUPS,
+                                 aux_repeats=c.AUX_GROUP_REPEATS, aux_weight=c.AUX_LOSS_WEIGHT)
         return {
             "backbone": backbone, "in_features": in_features, "mapper": mapper,
             "encoder": encoder, "decoder": decoder, "mask_head": mask_head, "heads": heads,

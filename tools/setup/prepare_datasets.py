@@ -10,6 +10,12 @@ Sources are registry packages, fetched with pip:
   (for training on random crops); ``nuclei_val`` = columns 384-511 as 4 tiles of 128x128,
   instances whose mask lies mostly (> 50 %) inside the region kept and clipped to their tile, the
   remaining fragments marked ``iscrowd`` (ignored by COCO evaluation). Columns 352-383 are a guard band.
+* ``nuclei3d``: the same wheel's ``img3d.tif`` / ``mask3d.tif`` (a 31 x 61 x 57 fluorescence
+  stack of nuclei and its 3-D label image), as 2-D z-slices: ``nuclei3d_train`` = slices 0-19,
+  ``nuclei3d_val`` = slices 24-30 (20-23 a guard band); in the held-out slices, the cross-sections
+  of nuclei that also appear in a training slice are marked ``iscrowd`` (ignored by COCO
+  evaluation), so evaluation counts only nuclei never seen in training. A second, different real
+  dataset (another microscope, small images, anisotropic nuclei) for the learning race.
 * ``voc_sample``: the ``labelme`` sdist's ``examples/instance_segmentation/data_dataset_coco``
   (3 VOC photos, 12 polygon instances), with the ``_background_`` category dropped.
 
@@ -38,12 +44,14 @@ from isda.data.paths import datasets_root
 STARDIST_VERSION = "0.9.2"
 LABELME_VERSION = "6.3.1"
 # Bump when a conversion changes: cached datasets built by an older recipe are rebuilt.
-RECIPE = {"nuclei": "3", "voc_sample": "2"}
+RECIPE = {"nuclei": "3", "nuclei3d": "1", "voc_sample": "2"}
 
 NUCLEI_TRAIN_COLS = (0, 352)   # [start, stop)
 NUCLEI_VAL_COLS = (384, 512)
 NUCLEI_TILE = (128, 176)       # rows, cols of a training tile
 NUCLEI_VAL_TILE_ROWS = 128     # validation tiles: 128 rows x the region's 128 columns
+NUCLEI3D_TRAIN_SLICES = (0, 20)   # [start, stop) z-slices
+NUCLEI3D_VAL_SLICES = (24, 31)
 NUCLEI_CATEGORY = {"id": 1, "name": "nucleus", "supercategory": "cell"}
 
 
@@ -127,14 +135,16 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 # ---------------------------------------------------------------------------------------------
 # nuclei (stardist)
 # ---------------------------------------------------------------------------------------------
-def load_stardist_arrays():
+def load_stardist_arrays(kind="2d", shape=(512, 512)):
+    """The stardist wheel's ``img{kind}.tif`` and ``mask{kind}.tif`` -> (image, int64 labels,
+    wheel file name)."""
     import tifffile
 
     wheel = pip_download(f"stardist=={STARDIST_VERSION}", "stardist-*.whl", sdist=False)
     with zipfile.ZipFile(wheel) as zf:
-        img = tifffile.imread(zf.open("stardist/data/images/img2d.tif"))
-        lab = tifffile.imread(zf.open("stardist/data/images/mask2d.tif"))
-    if img.shape != (512, 512) or lab.shape != (512, 512):
+        img = tifffile.imread(zf.open(f"stardist/data/images/img{kind}.tif"))
+        lab = tifffile.imread(zf.open(f"stardist/data/images/mask{kind}.tif"))
+    if img.shape != shape or lab.shape != shape:
         raise RuntimeError(f"{wheel.name}: unexpected image shapes {img.shape}, {lab.shape}")
     return img, lab.astype(np.int64), wheel.name
 
@@ -191,6 +201,28 @@ def build_nuclei(out: Path) -> None:
     dump_json(out / "nuclei_val.json", images, anns, cats, src)
 
 
+def build_nuclei3d(out: Path) -> None:
+    img, lab, src = load_stardist_arrays("3d", (31, 61, 57))
+    rgb = to_uint8_rgb(img)  # one normalisation for the whole stack
+    (out / "images").mkdir(parents=True)
+    t0, t1 = NUCLEI3D_TRAIN_SLICES
+    seen = {int(i) for i in np.unique(lab[t0:t1]) if i > 0}
+    for split, (z0, z1), crowd in (("train", NUCLEI3D_TRAIN_SLICES, frozenset()),
+                                   ("val", NUCLEI3D_VAL_SLICES, frozenset(seen))):
+        images, anns = [], []
+        for z in range(z0, z1):
+            # one slice per image: write_tiles on the whole slice, then renumber
+            imgs, sl_anns = write_tiles(out, rgb[z], lab[z], [(0, 61, 0, 57)], f"{split}_z{z:02d}",
+                                        crowd_labels=crowd)
+            image_id = len(images) + 1
+            imgs[0]["id"], imgs[0]["z"] = image_id, z
+            images.append(imgs[0])
+            for a in sl_anns:
+                a["id"], a["image_id"] = len(anns) + 1, image_id
+                anns.append(a)
+        dump_json(out / f"nuclei3d_{split}.json", images, anns, [NUCLEI_CATEGORY], src)
+
+
 def dump_json(path: Path, images, anns, cats, source: str) -> None:
     data = {"info": {"description": f"ISDA embedded dataset from {source}"},
             "images": images, "annotations": anns, "categories": cats}
@@ -222,7 +254,7 @@ def build_voc_sample(out: Path) -> None:
     (out / "voc_sample.json").write_text(json.dumps(data))
 
 
-BUILDERS = {"nuclei": build_nuclei, "voc_sample": build_voc_sample}
+BUILDERS = {"nuclei": build_nuclei, "nuclei3d": build_nuclei3d, "voc_sample": build_voc_sample}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 * ``nuclei_train``: 8 tiles (128x176) of stardist's nuclei image, columns 0-351
 * ``nuclei_train_region``: the same columns as one 512x352 image (random-crop training)
 * ``nuclei_val``: columns 384-511 of the same image, as 4 tiles of 128x128
+* ``nuclei3d_train`` / ``nuclei3d_val``: z-slices 0-19 / 24-30 (61x57) of stardist's 3-D nuclei
+  stack (held-out slices: nuclei also seen in training are crowd)
 * ``voc_sample``: 3 VOC photos with 12 polygon instances (labelme)
 
 All are built by ``tools/setup/prepare_datasets.py`` (part of ``make setup``).
@@ -20,6 +22,8 @@ EMBEDDED = {
     "nuclei_train": ("nuclei", "nuclei_train.json"),
     "nuclei_train_region": ("nuclei", "nuclei_train_region.json"),
     "nuclei_val": ("nuclei", "nuclei_val.json"),
+    "nuclei3d_train": ("nuclei3d", "nuclei3d_train.json"),
+    "nuclei3d_val": ("nuclei3d", "nuclei3d_val.json"),
     "voc_sample": ("voc_sample", "voc_sample.json"),
 }
 NUCLEI_CLASSES = ["nucleus"]
@@ -53,7 +57,7 @@ def register_all():
         MetadataCatalog.get(name).set(
             json_file=str(json_file), image_root=str(image_root), evaluator_type="coco",
         )
-        if folder == "nuclei":  # voc_sample's classes come from its JSON when it is loaded
+        if folder in ("nuclei", "nuclei3d"):  # voc_sample's classes come from its JSON when it is loaded
             MetadataCatalog.get(name).set(thing_classes=NUCLEI_CLASSES)
 
 
