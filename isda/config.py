@@ -44,6 +44,10 @@ def add_isda_config(cfg):
     isda.AUX_GROUPS = 0
     isda.AUX_GROUP_REPEATS = 1
     isda.AUX_LOSS_WEIGHT = 1.0
+    # queries placed at the encoder's best-scoring tokens, whose own predictions get the set loss
+    # (two-stage Deformable DETR / DINO's mixed query selection; isda/modeling/query_selection.py).
+    # False = the paper's learned query points
+    isda.TWO_STAGE = False
     # mask branch
     isda.MASK_STRIDE = 4  # 8, 4 or 2
     isda.MASK_COORDS = True  # "MP": coordinates concatenated to the stride-32 input

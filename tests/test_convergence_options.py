@@ -184,3 +184,78 @@ def test_scratch_config_builds_and_follows_max_iter():
     model.train()
     losses = model([synthetic_input(96, 128, num_classes=1, seed=s) for s in range(2)])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# --------------------------------------------------------------------------------------------
+# queries placed by encoder proposals (MODEL.ISDA.TWO_STAGE)
+# --------------------------------------------------------------------------------------------
+def test_token_centres_by_hand():
+    from isda.modeling.query_selection import token_centres
+
+    shapes = torch.tensor([[2, 4], [1, 2]])
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 1.0], [0.5, 1.0]]])  # (x, y)
+    c = token_centres(shapes, ratios)
+    assert c.shape == (2, 10, 2)
+    # level 0, row 1, column 2 of image 0: x = 2.5 / 4, y = 1.5 / 2
+    torch.testing.assert_close(c[0, 6], torch.tensor([0.625, 0.75]))
+    # image 1 has only the left half valid: x measured in the valid width
+    torch.testing.assert_close(c[1, 6], torch.tensor([1.25, 0.75]))
+    torch.testing.assert_close(c[1, 8], torch.tensor([0.5, 0.5]))  # level 1, column 0
+
+
+def test_point_embedding_matches_the_pixel_encoding():
+    """A point at a pixel centre is encoded like that pixel by the maps' sine encoding."""
+    from isda.modeling.position_encoding import PositionEmbeddingSine
+    from isda.modeling.query_selection import point_sine_embedding
+
+    h, w, f = 5, 7, 16
+    maps = PositionEmbeddingSine(f, eps=0.0)(torch.zeros(1, h, w, dtype=torch.bool))[0]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    points = torch.stack(((xs + 0.5) / w, (ys + 0.5) / h), -1)
+    torch.testing.assert_close(point_sine_embedding(points, f), maps.permute(1, 2, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_query_selection_takes_the_best_tokens():
+    from isda.modeling.query_selection import QuerySelection, token_centres
+
+    torch.manual_seed(0)
+    sel = QuerySelection(8, 2, 6, True, num_queries=3)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    ratios = torch.ones(2, 2, 2)
+    memory = torch.randn(2, 16, 8)
+    pad = torch.zeros(2, 16, dtype=torch.bool)
+    pad[1, :4] = True  # padding tokens are never chosen
+    out = sel(memory, pad, shapes, ratios)
+    with torch.no_grad():
+        tokens = torch.nn.functional.layer_norm(memory @ sel.output_proj.weight.t()
+                                                + sel.output_proj.bias, (8,),
+                                                sel.output_norm.weight, sel.output_norm.bias)
+        scores = (tokens @ sel.heads.class_embed.weight.t() + sel.heads.class_embed.bias).amax(-1)
+    centres = token_centres(shapes, ratios)
+    for i in range(2):
+        order = [j for j in scores[i].argsort(descending=True).tolist() if not pad[i, j]][:3]
+        torch.testing.assert_close(out["reference_points"][i], centres[i, order])
+    assert out["logits"].shape == (2, 3, 2) and out["kernels"].shape == (2, 3, 6)
+    assert out["query_pos"].shape == (2, 3, 8)
+    # fewer tokens than queries (a tiny image): tokens repeat, nothing fails
+    few = QuerySelection(8, 2, 6, True, num_queries=40)(memory, None, shapes, ratios)
+    assert few["reference_points"].shape == (2, 40, 2)
+
+
+@pytest.mark.parametrize("groups", [0, 1])
+def test_two_stage_trains_every_parameter(groups):
+    cfg = small_cfg("MODEL.ISDA.TWO_STAGE", True, "MODEL.ISDA.AUX_GROUPS", groups,
+                    "MODEL.ISDA.AUX_GROUP_REPEATS", 2)
+    model = build(cfg)
+    model.train()
+    losses = model([synthetic_input(64, 96, seed=s) for s in range(2)])
+    assert {"loss_focal_enc", "loss_dice_enc"} <= set(losses)
+    assert ("loss_focal_aux" in losses) == bool(groups)
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    model.eval()
+    with torch.no_grad():
+        out = model([synthetic_input(64, 96, with_targets=False)])
+    assert len(out[0]["instances"]) == 10 * 3

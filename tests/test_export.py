@@ -276,7 +276,8 @@ def test_plain_form_keeps_weights_and_function(setup):
 @pytest.mark.parametrize("opts", [["MODEL.ISDA.MASK_STRIDE", "8"], ["MODEL.ISDA.MASK_STRIDE", "2"],
                                   ["MODEL.ISDA.MASK_FEATURE_SOURCE", "encoder"],
                                   ["MODEL.ISDA.MASK_COORDS", "False",
-                                   "MODEL.ISDA.KERNEL_REF_POINTS", "False"]])
+                                   "MODEL.ISDA.KERNEL_REF_POINTS", "False"],
+                                  ["MODEL.ISDA.TWO_STAGE", "True", "MODEL.ISDA.AUX_GROUPS", "1"]])
 def test_exportable_form_of_the_ablation_variants(opts):
     """ExportableISDA + outputs_to_instances == the model, eagerly, for every switch of
     docs/model.md (the exported graphs are these functions)."""

@@ -98,6 +98,7 @@ class ExportableISDA(nn.Module):
         self.mapper = plain.mapper
         self.encoder = plain.encoder
         self.decoder = plain.decoder
+        self.query_selection = getattr(plain, "query_selection", None)
         self.mask_head = plain.mask_head
         self.heads = plain.heads
         self.position_embedding = plain.position_embedding
@@ -173,7 +174,10 @@ class ExportableISDA(nn.Module):
         memory = src
         for layer in self.encoder.layers:
             memory = layer(memory, pos, reference_points, shapes, None, token_mask)
-        hs, ref = self.decoder(memory, shapes, None, ratios, token_mask)
+        proposals = None
+        if self.query_selection is not None:  # MODEL.ISDA.TWO_STAGE
+            proposals = self.query_selection(memory, token_mask, shapes, ratios)
+        hs, ref = self.decoder(memory, shapes, None, ratios, token_mask, proposals)
         if self.mask_feature_source == "encoder":
             n, _, c = memory.shape
             parts = memory.split([h * w for h, w in shapes], 1)

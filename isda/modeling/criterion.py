@@ -121,6 +121,7 @@ class SetCriterion(nn.Module):
         return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
 
     def _match(self, logits, kernels, mask_features, targets, repeats, layer, loss_names):
+        where = f"decoder layer {layer}" if isinstance(layer, int) else f"the {layer}"
         try:
             return self.matcher(logits.float(), kernels.detach(), mask_features.detach(), targets,
                                 repeats=repeats)
@@ -129,17 +130,19 @@ class SetCriterion(nn.Module):
             if "invalid numeric entries" not in str(e):
                 raise
             raise FloatingPointError(
-                f"Non-finite Hungarian matching cost of decoder layer {layer} (finite but "
+                f"Non-finite Hungarian matching cost of {where} (finite but "
                 f"extreme model outputs overflowed: {e}). Losses not computed: "
                 f"{', '.join(loss_names)}") from None
 
-    def forward(self, all_logits, all_kernels, mask_features, targets):
+    def forward(self, all_logits, all_kernels, mask_features, targets, encoder_outputs=None):
         """all_logits: [layers, N, Q, K]; all_kernels: [layers, N, Q, D] mask kernels applied to
         ``mask_features`` [N, D, H, W] (the mask logits of every query are only computed without
         gradient for matching, and with gradient only for the matched queries, all layers in one
         product per image); targets: list (per image) of {"labels": [G], "masks": [G, H, W]
-        soft targets on the mask grid}. Returns a dict of losses; layer l < last is suffixed
-        ``_l``."""
+        soft targets on the mask grid}; encoder_outputs (two-stage): (logits [N, Q, K],
+        kernels [N, Q, D]) of the encoder proposals, matched one-to-one like a decoder layer.
+        Returns a dict of losses; layer l < last is suffixed ``_l``, the extra groups' ``_aux``,
+        the proposals' ``_enc``."""
         num_inst = num_instances_normaliser(targets, all_logits.device)
         n_layers = all_logits.shape[0]
         layers = list(range(n_layers)) if self.deep_supervision else [n_layers - 1]
@@ -148,34 +151,38 @@ class SetCriterion(nn.Module):
             raise ValueError(f"{all_logits.shape[2]} queries: expected {self.num_queries} x "
                              f"{groups} groups")
         q = all_logits.shape[2] // groups
-        # (group, layer) pairs, the model's own group first
-        jobs = [(g, l) for g in range(groups) for l in layers]
-        names = [f"{k}{'_aux' if g else ''}{'' if l == n_layers - 1 else f'_{l}'}"
-                 for g, l in jobs for k in ("loss_focal", "loss_dice")]
-        loss_names = list(dict.fromkeys(names))
-        # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
-        # with their names, not inside scipy's assignment solver
+        # one job per (group, layer), the model's own group first, then the proposals:
+        # (loss-name suffix, logits [N, Q, K], kernels [N, Q, D], repeats, layer)
+        jobs = []
+        for g in range(groups):
+            for l in layers:
+                suffix = ("_aux" if g else "") + ("" if l == n_layers - 1 else f"_{l}")
+                jobs.append((suffix, all_logits[l, :, g * q:(g + 1) * q],
+                             all_kernels[l, :, g * q:(g + 1) * q], self.aux_repeats if g else 1, l))
         outputs = [("class logits", all_logits), ("mask kernels", all_kernels),
                    ("mask features", mask_features)]
+        if encoder_outputs is not None:
+            jobs.append(("_enc", encoder_outputs[0], encoder_outputs[1], 1, "proposals"))
+            outputs += [("proposal class logits", encoder_outputs[0][None]),
+                        ("proposal mask kernels", encoder_outputs[1][None])]
+        loss_names = list(dict.fromkeys(k + j[0] for j in jobs for k in ("loss_focal",
+                                                                          "loss_dice")))
+        # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
+        # with their names, not inside scipy's assignment solver
         check_finite(outputs, "model outputs before Hungarian matching", loss_names)
-        all_indices = [
-            self._match(all_logits[l, :, g * q:(g + 1) * q], all_kernels[l, :, g * q:(g + 1) * q],
-                        mask_features, targets, self.aux_repeats if g else 1, l, loss_names)
-            for g, l in jobs]
-        if groups == 1:
+        all_indices = [self._match(logits, kernels, mask_features, targets, repeats, layer,
+                                   loss_names)
+                       for _, logits, kernels, repeats, layer in jobs]
+        if groups == 1 and encoder_outputs is None:
             kernels = all_kernels[layers]
         else:
-            kernels = torch.stack([all_kernels[l, :, g * q:(g + 1) * q] for g, l in jobs])
+            kernels = torch.stack([j[2] for j in jobs])
         src = matched_kernel_masks(kernels, mask_features, all_indices)
         losses = {}
-        for (g, l), indices, src_masks in zip(jobs, all_indices, src):
-            if g == 0:
-                norm, weight = num_inst, 1.0
-            else:
-                norm, weight = num_inst * self.aux_repeats, self.aux_weight
-            out = self.layer_losses(all_logits[l, :, g * q:(g + 1) * q].float(), src_masks,
-                                    indices, targets, norm)
-            suffix = ("_aux" if g else "") + ("" if l == n_layers - 1 else f"_{l}")
+        for (suffix, logits, _, repeats, _), indices, src_masks in zip(jobs, all_indices, src):
+            weight = self.aux_weight if suffix.startswith("_aux") else 1.0
+            out = self.layer_losses(logits.float(), src_masks, indices, targets,
+                                    num_inst * repeats)
             for k, v in out.items():
                 key = k + suffix
                 losses[key] = losses[key] + weight * v if key in losses else weight * v

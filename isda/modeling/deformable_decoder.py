@@ -58,29 +58,44 @@ class DeformableDecoder(nn.Module):
     in training only (their embeddings follow the model's own in ``query_embed``).
     """
 
-    def __init__(self, num_queries=300, num_layers=6, d_model=256, aux_groups=0, **layer_kwargs):
+    def __init__(self, num_queries=300, num_layers=6, d_model=256, aux_groups=0,
+                 two_stage=False, **layer_kwargs):
         super().__init__()
         self.num_queries = num_queries
         self.aux_groups = aux_groups
-        self.query_embed = nn.Embedding(num_queries * (1 + aux_groups), 2 * d_model)
-        self.reference_points = nn.Linear(d_model, 2)
-        nn.init.xavier_uniform_(self.reference_points.weight)
-        nn.init.zeros_(self.reference_points.bias)
+        self.two_stage = two_stage
+        if two_stage:  # positions come from the encoder proposals: content embeddings only
+            self.query_embed = nn.Embedding(num_queries * (1 + aux_groups), d_model)
+        else:
+            self.query_embed = nn.Embedding(num_queries * (1 + aux_groups), 2 * d_model)
+            self.reference_points = nn.Linear(d_model, 2)
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
         self.layers = nn.ModuleList(
             DeformableDecoderLayer(d_model=d_model, **layer_kwargs) for _ in range(num_layers)
         )
 
-    def forward(self, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        """memory: [N, S, C]; valid_ratios: [N, L, 2] ->
-        (hidden states [num_layers, N, Q, C], reference points [N, Q, 2] in [0, 1]), with
-        Q = num_queries, or (1 + aux_groups) x num_queries in training (the model's own first)."""
-        n = memory.shape[0]
+    def forward(self, memory, spatial_shapes, level_start_index, valid_ratios, padding_mask,
+                proposals=None):
+        """memory: [N, S, C]; valid_ratios: [N, L, 2]; proposals (two-stage only): the
+        :class:`QuerySelection` output, whose reference_points [N, Q, 2] and query_pos [N, Q, C]
+        place every group's queries -> (hidden states [num_layers, N, Q, C], reference points
+        [N, Q, 2] in [0, 1]), with Q = num_queries, or (1 + aux_groups) x num_queries in
+        training (the model's own first)."""
+        n, _, c = memory.shape
         groups = 1 + self.aux_groups if self.training else 1
         embed = self.query_embed.weight[:self.num_queries * groups]
-        query_pos, tgt = embed.split(memory.shape[-1], dim=1)
-        query_pos = query_pos[None].expand(n, -1, -1)
-        tgt = tgt[None].expand(n, -1, -1)
-        reference_points = self.reference_points(query_pos).sigmoid()
+        if self.two_stage:
+            if proposals is None:
+                raise ValueError("a two-stage decoder needs the encoder proposals")
+            tgt = embed[None].expand(n, -1, -1)
+            query_pos = proposals["query_pos"].repeat(1, groups, 1)
+            reference_points = proposals["reference_points"].repeat(1, groups, 1)
+        else:
+            query_pos, tgt = embed.split(c, dim=1)
+            query_pos = query_pos[None].expand(n, -1, -1)
+            tgt = tgt[None].expand(n, -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()
         ref_input = reference_points[:, :, None] * valid_ratios[:, None]
         hs = []
         for layer in self.layers:

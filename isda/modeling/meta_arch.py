@@ -17,6 +17,7 @@ from .mask_feature_head import MaskFeatureHead
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import instances_from_topk, prefers_channels_last, select_topk
+from .query_selection import QuerySelection
 
 SIZE_DIVISIBILITY = 32
 
@@ -75,7 +76,7 @@ class ISDA(nn.Module):
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
-                 cpu_fast_paths=False, test_precision="fp32"):
+                 cpu_fast_paths=False, test_precision="fp32", query_selection=None):
         """``cpu_fast_paths``: convert the built model with
         :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
         CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
@@ -92,6 +93,8 @@ class ISDA(nn.Module):
         self.decoder = decoder
         self.mask_head = mask_head
         self.heads = heads
+        # encoder proposals placing the queries (MODEL.ISDA.TWO_STAGE), or None: learned points
+        self.query_selection = query_selection
         self.criterion = criterion
         self.num_feature_levels = num_feature_levels
         self.mask_stride = mask_stride
@@ -128,7 +131,10 @@ class ISDA(nn.Module):
         encoder = DeformableEncoder(c.ENC_LAYERS, **layer_kwargs)
         layer_kwargs.pop("d_model")
         decoder = DeformableDecoder(c.NUM_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM,
-                                    aux_groups=c.AUX_GROUPS, **layer_kwargs)
+                                    aux_groups=c.AUX_GROUPS, two_stage=c.TWO_STAGE, **layer_kwargs)
+        query_selection = (QuerySelection(c.HIDDEN_DIM, c.NUM_CLASSES, c.MASK_OUT_DIM,
+                                          c.KERNEL_REF_POINTS, c.NUM_QUERIES)
+                           if c.TWO_STAGE else None)
         _reset_transformer_parameters(encoder)
         _reset_transformer_parameters(decoder.layers)
         mask_head = MaskFeatureHead(c.HIDDEN_DIM, c.MASK_FEATURE_DIM, c.MASK_OUT_DIM, c.MASK_STRIDE,
@@ -149,6 +155,7 @@ class ISDA(nn.Module):
             "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
             "chunk_pixels": c.TEST.CHUNK_PIXELS, "test_precision": c.TEST.PRECISION,
             "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
+            "query_selection": query_selection,
         }
 
     @property
@@ -201,7 +208,10 @@ class ISDA(nn.Module):
         # no padding anywhere (e.g. one image, or same-size images): skip the attention's masking
         attn_mask = token_mask if bool(token_mask.any()) else None
         memory = self.encoder(src, pos, shapes, start, ratios, attn_mask)
-        hs, ref = self.decoder(memory, shapes, start, ratios, attn_mask)
+        proposals = None
+        if self.query_selection is not None:
+            proposals = self.query_selection(memory, attn_mask, shapes, ratios)
+        hs, ref = self.decoder(memory, shapes, start, ratios, attn_mask, proposals)
 
         if self.mask_feature_source == "encoder":
             n, _, c = memory.shape
@@ -213,7 +223,8 @@ class ISDA(nn.Module):
         mask_features = self.mask_head(mask_in)
         logits, kernels = self.heads(hs, ref)
         return {"images": images, "maps": maps, "memory": memory, "hs": hs, "logits": logits,
-                "kernels": kernels, "reference_points": ref, "mask_features": mask_features}
+                "kernels": kernels, "reference_points": ref, "mask_features": mask_features,
+                "proposals": proposals}
 
     def prepare_targets(self, batched_inputs, mask_shape):
         """GT masks padded to the padded input size and bilinearly downsampled by the mask
@@ -249,7 +260,10 @@ class ISDA(nn.Module):
         if self.training:
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
             # mask logits are computed inside, with gradient only for the matched queries
-            return self.criterion(out["logits"], out["kernels"], mask_features, targets)
+            proposals = out["proposals"]
+            return self.criterion(out["logits"], out["kernels"], mask_features, targets,
+                                  None if proposals is None else
+                                  (proposals["logits"], proposals["kernels"]))
 
         logits, kernels = out["logits"][-1].float(), out["kernels"][-1].float()
         mask_features = mask_features.float()  # no-ops in fp32
