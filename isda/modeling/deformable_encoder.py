@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
-from .transformer_blocks import ActivationDropout
+from .transformer_blocks import ActivationDropout, feed_forward
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -26,7 +26,8 @@ class DeformableEncoderLayer(nn.Module):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                               padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.activation_dropout(self.linear1(src)))
+        # the FFN's hidden state is recomputed in the backward pass (transformer_blocks)
+        src2 = feed_forward(src, self.linear1, self.activation_dropout, self.linear2)
         return self.norm2(src + self.dropout3(src2))
 
 
