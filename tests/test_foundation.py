@@ -176,6 +176,32 @@ def test_nuclei_conversion_round_trips(split):
     assert len(np.unique(lab)) - 1 == 125
 
 
+@pytest.mark.parametrize("split", ["nuclei3d_train", "nuclei3d_val"])
+def test_nuclei3d_slices_round_trip(split):
+    """Each image is one z-slice of stardist's 3-D label stack (decoded RLE masks reproduce it);
+    held-out slices mark as crowd exactly the nuclei that also appear in a training slice."""
+    import tifffile
+    from detectron2.data import DatasetCatalog
+    from pycocotools import mask as mask_util
+
+    wheel = sorted(prepare.cache_root().glob("stardist-*.whl"))[0]
+    with zipfile.ZipFile(wheel) as zf:
+        stack = tifffile.imread(zf.open("stardist/data/images/mask3d.tif")).astype(np.int64)
+    data = json.loads((prepare.datasets_root() / "nuclei3d" / f"{split}.json").read_text())
+    zs = [im["z"] for im in data["images"]]
+    assert zs == (list(range(0, 20)) if split.endswith("train") else list(range(24, 31)))
+    in_training = set(np.unique(stack[:20]).tolist()) - {0}
+    for im in data["images"]:
+        rebuilt = np.zeros(stack.shape[1:], np.int64)
+        for ann in (a for a in data["annotations"] if a["image_id"] == im["id"]):
+            m = mask_util.decode(ann["segmentation"]).astype(bool)
+            rebuilt[m] = ann["instance_label"]
+            expected_crowd = split.endswith("val") and ann["instance_label"] in in_training
+            assert ann["iscrowd"] == int(expected_crowd)
+        np.testing.assert_array_equal(rebuilt, stack[im["z"]])
+    assert len(DatasetCatalog.get(split)) == len(zs)
+
+
 def test_prepare_rebuilds_corrupt_file(tmp_path, monkeypatch):
     """A corrupted cached file is detected by its checksum and the dataset rebuilt."""
     src = prepare.datasets_root()
