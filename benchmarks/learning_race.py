@@ -74,7 +74,7 @@ BATCH = 2
 # --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
-def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_opts):
+def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_opts, batch=BATCH):
     """The config of one run (``max_iter`` sets the schedule)."""
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
@@ -95,13 +95,13 @@ def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_o
         cfg.merge_from_list([
             "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
             "MODEL.ROI_HEADS.NUM_CLASSES", d["classes"],
-            "SOLVER.BASE_LR", 0.02 * BATCH / 16, "SOLVER.MAX_ITER", max_iter,
+            "SOLVER.BASE_LR", 0.02 * batch / 16, "SOLVER.MAX_ITER", max_iter,
             "SOLVER.STEPS", (round(max_iter * 210 / 270), round(max_iter * 250 / 270)),
             "SOLVER.WARMUP_ITERS", warmup])
         cfg.merge_from_list(list(maskrcnn_opts))
     cfg.merge_from_list(list(d["input"]))
     cfg.merge_from_list(["DATASETS.TRAIN", (d["train"],), "DATASETS.TEST", (d["test"],),
-                         "SOLVER.IMS_PER_BATCH", BATCH, "MODEL.DEVICE", "cpu", "SEED", seed,
+                         "SOLVER.IMS_PER_BATCH", batch, "MODEL.DEVICE", "cpu", "SEED", seed,
                          "DATALOADER.NUM_WORKERS", 0, "MODEL.WEIGHTS", ""])
     cfg.freeze()
     return cfg
@@ -210,12 +210,13 @@ def run_worker(spec):
 
     if spec["calibrate"]:
         cfg = build_cfg(spec["model"], spec["dataset"], 1000, 0, spec["isda_config"],
-                        spec["isda_opts"], spec["maskrcnn_opts"])
+                        spec["isda_opts"], spec["maskrcnn_opts"], spec.get("batch", BATCH))
         skip, n = 3, spec["calibrate"]
         _, cpu = train(spec["model"], cfg, iters=skip + n, skip=skip)
         return {"cpu_s_per_iter": cpu / n}
     cfg = build_cfg(spec["model"], spec["dataset"], spec["max_iter"], spec["seed"],
-                    spec["isda_config"], spec["isda_opts"], spec["maskrcnn_opts"])
+                    spec["isda_config"], spec["isda_opts"], spec["maskrcnn_opts"],
+                    spec.get("batch", BATCH))
     model, cpu = train(spec["model"], cfg)
     segm = evaluate(cfg, model)
     out = {"cpu_min": cpu / 60, "iters": cfg.SOLVER.MAX_ITER}
@@ -293,6 +294,7 @@ def main(argv=None):
     p.add_argument("--isda-config", default=ISDA_CONFIG, help=f"default {ISDA_CONFIG}")
     p.add_argument("--isda-opts", nargs="*", default=[], help="KEY VALUE overrides for ISDA")
     p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE for Mask R-CNN")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
     p.add_argument("--calibrate-iters", type=int, default=10, help="timed calibration iterations")
     p.add_argument("--results", default=str(ROOT / "output" / "learning_race"),
@@ -317,6 +319,8 @@ def main(argv=None):
 
     def spec(model, dataset, **kw):
         s = dict(base, model=model, dataset=dataset, calibrate=0)
+        if args.batch != BATCH:  # (the default batch stays out of the cache key)
+            s["batch"] = args.batch
         if model != "isda":
             s["isda_opts"], s["isda_config"] = [], ""
         else:
@@ -378,7 +382,7 @@ def main(argv=None):
     if args.plot:
         plot(table, args.plot)
         print(f"plot: {args.plot}")
-    print(json.dumps({"batch": BATCH, "threads_per_run": 1, "isda_config": args.isda_config,
+    print(json.dumps({"batch": args.batch, "threads_per_run": 1, "isda_config": args.isda_config,
                       "isda_opts": args.isda_opts, "maskrcnn_config": MASKRCNN_CONFIG,
                       "calibration_cpu_s_per_iter": {f"{d}/{m}": round(s, 3)
                                                      for (m, d), s in cal.items()},
