@@ -62,7 +62,8 @@ def test_recomputed_ffn_matches_float64_composition(fast, p):
 
 
 def test_backward_keeps_no_hidden_state():
-    """Only the input (and the uint8 mask with dropout) is kept: no float [rows, d_ffn]."""
+    """Only the input is kept: no float [rows, d_ffn] hidden state, and with the compiled
+    dropout no mask either (regenerated from its seed); torch's dropout keeps a uint8 mask."""
     l1, act, l2 = _block(True, 0.1)
     act.train()
     x = torch.randn(3000, D, requires_grad=True)
@@ -76,6 +77,8 @@ def test_backward_keeps_no_hidden_state():
         y = feed_forward(x, l1, act, l2)
     floats = [s for s, dt in saved if dt.is_floating_point and s and s[0] == 3000]
     assert floats == [(3000, D)], saved  # the input only
+    masks = [s for s, dt in saved if dt == torch.uint8]
+    assert masks == ([] if fast_dropout_available(x) else [(3000, F_)]), saved
     y.sum().backward()
     assert x.grad is not None and l1.weight.grad is not None
 

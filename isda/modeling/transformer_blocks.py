@@ -38,34 +38,42 @@ class ActivationDropout(nn.Module):
         return f"activation={self.activation}"
 
 
-def _relu_dropout_with_mask(h, p):
-    """``dropout(relu(h))`` and its uint8 mask (1 where the value is kept and positive): the
-    compiled kernel on the CPU when built, else torch's random numbers."""
+def _relu_dropout_with_mask(h, p, seed=None):
+    """``dropout(relu(h))``, its uint8 mask (1 where the value is kept and positive) and the
+    seed that regenerates the mask from ``h`` (None: keep the mask). The compiled
+    counter-based kernel on the CPU when built (the mask is a function of the seed, the element
+    index and the sign of ``h``), else torch's random numbers."""
     from ..layers.dropout import _draw_seed, _extension, fast_dropout_available
 
     if fast_dropout_available(h):
-        return _extension().dropout_forward(h.contiguous(), p, _draw_seed(), True)
+        seed = _draw_seed() if seed is None else seed
+        out, mask = _extension().dropout_forward(h.contiguous(), p, seed, True)
+        return out, mask, seed
     mask = ((torch.rand_like(h) >= p) & (h > 0)).to(torch.uint8)
-    return h * mask * (1.0 / (1.0 - p)), mask
+    return h * mask * (1.0 / (1.0 - p)), mask, None
 
 
 class _ReluFeedForward(Function):
-    """``linear2(dropout(relu(linear1(x))))`` that keeps only ``x`` and a uint8 mask for the
-    backward pass (not the [rows, d_ffn] hidden state and its dropped-out copy): the hidden
-    state is recomputed from ``x`` there (one more ``linear1`` product). Same math as the
-    modules; the Linear modules' own forward (nn.Linear or TokenLinear) computes the products
-    in the forward pass and the recomputation."""
+    """``linear2(dropout(relu(linear1(x))))`` that keeps only ``x`` for the backward pass (not
+    the [rows, d_ffn] hidden state, its dropped-out copy or, with the compiled dropout, the
+    mask): the hidden state is recomputed from ``x`` there (one more ``linear1`` product) and
+    the compiled kernel's mask from its seed (torch's dropout: the uint8 mask is kept). Same
+    math as the modules; the Linear modules' own forward (nn.Linear or TokenLinear) computes
+    the products in the forward pass and the recomputation."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, linear1, linear2, p):
         h = linear1(x)
+        mask = seed = None
         if p > 0:
-            a, mask = _relu_dropout_with_mask(h, p)
+            a, mask, seed = _relu_dropout_with_mask(h, p)
+            if seed is not None:
+                mask = None  # regenerated in the backward pass
         else:
-            a, mask = F.relu(h), None
+            a = F.relu(h)
         del h
         y = linear2(a)
-        ctx.linear1, ctx.p = linear1, p
+        ctx.linear1, ctx.p, ctx.seed = linear1, p, seed
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         ctx.save_for_backward(x, w1, w2, mask)
         return y
@@ -77,7 +85,9 @@ class _ReluFeedForward(Function):
         with torch.no_grad():
             h = ctx.linear1(x)  # recomputed: the same product as in the forward pass
         h = h.reshape(-1, h.shape[-1])
-        if mask is not None:  # kept and positive, from the forward pass
+        if ctx.seed is not None:  # the compiled kernel's mask, regenerated from its seed
+            mask = _relu_dropout_with_mask(h, ctx.p, ctx.seed)[1]
+        if mask is not None:  # kept and positive
             keep, scale = mask.reshape(h.shape), 1.0 / (1.0 - ctx.p)
             a = h.mul_(keep).mul_(scale)  # = dropout(relu(h)), in place
         else:
