@@ -250,9 +250,13 @@ class ISDA(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs):
         if not self.training and self.test_precision == "bf16":
-            # TEST.PRECISION bf16: the network under bf16 autocast (oneDNN's bf16 kernels on
-            # the CPU); the mask product and the post-processing below run in fp32
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            # TEST.PRECISION bf16: backbone, mapper and encoder under bf16 autocast (oneDNN's
+            # bf16 kernels on the CPU); the decoder, the heads and the mask-feature head, whose
+            # outputs meet in the mask product, stay fp32 (isda/layers/mixed_precision.py), as
+            # do the mask product and the post-processing below
+            from ..layers.mixed_precision import bf16_autocast
+
+            with bf16_autocast(self.device.type, (self.decoder, self.heads, self.mask_head)):
                 out = self.forward_features(batched_inputs)
         else:
             out = self.forward_features(batched_inputs)
