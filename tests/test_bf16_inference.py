@@ -9,10 +9,10 @@ accumulated over the network):
 * the masks of the bf16 run, matched one to one to the fp32 masks of the same class (Hungarian
   on mask IoU), have a mean IoU >= ``MASK_IOU_MEAN`` and each an IoU >= ``MASK_IOU_MIN``: a
   random-init model's mask logits stay close to the threshold over wide areas (measured: mean
-  0.97, min 0.90), so the per-mask bound is looser than the 0.95 that
+  0.97-0.98, min 0.90), so the per-mask bound is looser than the 0.95 that
   ``benchmarks/bf16_agreement.py`` requires of the trained nuclei checkpoint;
 * the matched scores differ by at most ``SCORE_ATOL`` (absolute; scores are in [0, 1];
-  measured 2e-4);
+  measured 6e-5);
 * the deformable-attention module under autocast is within ``OP_RTOL`` (relative to the
   output's scale) of its float64 evaluation.
 """
@@ -157,3 +157,28 @@ def test_deformable_attention_under_autocast_matches_float64(backend):
     assert out.dtype == torch.float32  # promoted with the fp32 locations
     err = (out.double() - ref64).abs().max() / ref64.abs().max()
     assert err <= OP_RTOL, float(err)
+
+
+def test_bf16_runs_backbone_and_encoder_in_bf16_the_mask_branch_in_fp32():
+    """The mixed form: backbone, mapper and encoder in bf16; decoder, heads and mask-feature
+    head (whose outputs meet in the mask product) in fp32; autocast off again afterwards."""
+    model = build(_cfg("MODEL.ISDA.TEST.PRECISION", "bf16")).eval()
+    dtypes = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            first = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(first, dict):
+                first = next(iter(first.values()))
+            dtypes[name] = first.dtype
+        return fn
+
+    for name in ("backbone", "encoder", "decoder", "heads", "mask_head"):
+        model.get_submodule(name).register_forward_hook(hook(name))
+    with torch.no_grad():
+        model(_images()[:1])
+    assert dtypes == {"backbone": torch.bfloat16, "encoder": torch.bfloat16,
+                      "decoder": torch.float32, "heads": torch.float32,
+                      "mask_head": torch.float32}, dtypes
+    assert not torch.is_autocast_enabled("cpu")
+    assert not model.decoder._forward_pre_hooks  # the fp32 hooks are removed after the call
