@@ -79,7 +79,10 @@ def resolve_schedule(cfg):
     if frac_warmup > 0:
         out.SOLVER.WARMUP_ITERS = max(1, round(frac_warmup * s.MAX_ITER))
     if frac_steps:
-        out.SOLVER.STEPS = tuple(max(1, round(f * s.MAX_ITER)) for f in sorted(frac_steps))
+        # Detectron2's schedulers need every step inside the run (1 <= step < MAX_ITER): a very
+        # short run (e.g. a 2-iteration smoke test) keeps the steps that fit
+        steps = {min(max(1, round(f * s.MAX_ITER)), s.MAX_ITER - 1) for f in frac_steps}
+        out.SOLVER.STEPS = tuple(sorted(x for x in steps if x >= 1))
     if cfg.is_frozen():
         out.freeze()
     return out

@@ -148,6 +148,12 @@ def test_schedule_follows_max_iter():
     assert lrs[10] == pytest.approx(1e-3 * (0.001 * (1 - 0.5) + 0.5))
     assert lrs[20] == pytest.approx(1e-3) and lrs[799] == pytest.approx(1e-3)
     assert lrs[800] == pytest.approx(1e-4) and lrs[999] == pytest.approx(1e-4)
+    # a run too short for its fractions (the custom-dataset guide's 2-iteration test used to stop
+    # with "Milestone must be smaller than total number of updates")
+    for max_iter, steps in ((2, (1,)), (1, ())):
+        cfg.SOLVER.MAX_ITER = max_iter
+        assert resolve_schedule(cfg).SOLVER.STEPS == steps
+        build_isda_lr_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1))
     # no fractions: Detectron2's own keys untouched
     plain = small_cfg("SOLVER.STEPS", (7,), "SOLVER.WARMUP_ITERS", 3)
     assert resolve_schedule(plain) is plain
