@@ -51,17 +51,30 @@ def find_or_train_weights(weights, train_iters, threads):
     return str(out / "model_final.pth"), f"trained {train_iters} iterations"
 
 
+def rle_iou(masks_a, masks_b):
+    """Mask IoU matrix [len(a), len(b)] of two boolean mask stacks, by pycocotools on RLE (two
+    empty masks count as IoU 1, as identical)."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    def rles(m):
+        return mask_util.encode(np.asfortranarray(m.permute(1, 2, 0).numpy().astype(np.uint8)))
+
+    if len(masks_a) == 0 or len(masks_b) == 0:
+        return np.zeros((len(masks_a), len(masks_b)))
+    iou = np.asarray(mask_util.iou(rles(masks_a), rles(masks_b), [0] * len(masks_b)))
+    empty = (masks_a.flatten(1).sum(1) == 0).numpy()[:, None] & \
+        (masks_b.flatten(1).sum(1) == 0).numpy()[None]
+    return np.where(empty, 1.0, iou).reshape(len(masks_a), len(masks_b))
+
+
 def match(a, b):
     """Instances ``a``, ``b`` -> (index in a, index in b, mask IoU) of the one-to-one matching
     among same-class pairs minimising ``|score difference| - IoU`` (the score term tells apart
     the near-duplicate masks that several queries may predict)."""
     from scipy.optimize import linear_sum_assignment
 
-    ma = a.pred_masks.flatten(1).double()
-    mb = b.pred_masks.flatten(1).double()
-    inter = ma @ mb.T
-    union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    iou = torch.as_tensor(rle_iou(a.pred_masks, b.pred_masks), dtype=torch.float64)
     same = a.pred_classes[:, None] == b.pred_classes[None]
     dscore = (a.scores.double()[:, None] - b.scores.double()[None]).abs()
     cost = torch.where(same, dscore - iou, torch.full_like(iou, 10.0)).numpy()
