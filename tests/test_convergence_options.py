@@ -196,7 +196,7 @@ def test_scratch_config_builds_and_follows_max_iter():
 # queries placed by encoder proposals (MODEL.ISDA.TWO_STAGE)
 # --------------------------------------------------------------------------------------------
 def test_token_centres_by_hand():
-    from isda.modeling.query_selection import token_centres
+    from isda.modeling.deformable_encoder import token_centres
 
     shapes = torch.tensor([[2, 4], [1, 2]])
     ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 1.0], [0.5, 1.0]]])  # (x, y)
@@ -223,7 +223,8 @@ def test_point_embedding_matches_the_pixel_encoding():
 
 
 def test_query_selection_takes_the_best_tokens():
-    from isda.modeling.query_selection import QuerySelection, token_centres
+    from isda.modeling.deformable_encoder import token_centres
+    from isda.modeling.query_selection import QuerySelection
 
     torch.manual_seed(0)
     sel = QuerySelection(8, 2, 6, True, num_queries=3)

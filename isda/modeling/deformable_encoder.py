@@ -31,15 +31,14 @@ class DeformableEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout3(src2))
 
 
-def encoder_reference_points(spatial_shapes, valid_ratios):
-    """Pixel centres of every level, normalised by the valid (unpadded) extent.
-
-    spatial_shapes: [L, 2] (H, W); valid_ratios: [N, L, 2] (x, y) -> [N, S, L, 2] in the padded
-    frame of each level (as the attention op expects).
-    """
+def token_centres(spatial_shapes, valid_ratios):
+    """Centre (x, y) of every token of the flattened levels, normalised by the valid (unpadded)
+    extent of its level: spatial_shapes [L, 2] (H, W) tensor or list; valid_ratios [N, L, 2]
+    (x, y) -> [N, S, 2] (values above 1 on padding)."""
     device = valid_ratios.device
+    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
     refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(shapes):
         ys, xs = torch.meshgrid(
             torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
             torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
@@ -48,8 +47,14 @@ def encoder_reference_points(spatial_shapes, valid_ratios):
         ref_y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((ref_x, ref_y), -1))
-    ref = torch.cat(refs, 1)  # [N, S, 2] in the valid frame
-    return ref[:, :, None] * valid_ratios[:, None]
+    return torch.cat(refs, 1)
+
+
+def encoder_reference_points(spatial_shapes, valid_ratios):
+    """Pixel centres of every level (:func:`token_centres`) in the padded frame of each level,
+    as the attention op expects: spatial_shapes: [L, 2] (H, W); valid_ratios: [N, L, 2] (x, y)
+    -> [N, S, L, 2]."""
+    return token_centres(spatial_shapes, valid_ratios)[:, :, None] * valid_ratios[:, None]
 
 
 class DeformableEncoder(nn.Module):

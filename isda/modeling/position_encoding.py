@@ -5,6 +5,15 @@ import torch
 from torch import nn
 
 
+def sine_features(x, num_feats, temperature=10000):
+    """x: [...] scaled positions -> [..., num_feats]: sin (even features) and cos (odd ones) of
+    ``x / temperature ** (2 * (i // 2) / num_feats)``."""
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=x.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = x[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
 class PositionEmbeddingSine(nn.Module):
     """Normalised sine/cosine encoding of (y, x), ``num_pos_feats`` features per axis.
 
@@ -29,10 +38,6 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
         x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = x_embed[..., None] / dim_t
-        pos_y = y_embed[..., None] / dim_t
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_features(x_embed, self.num_pos_feats, self.temperature)
+        pos_y = sine_features(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)

@@ -9,33 +9,17 @@ import math
 import torch
 from torch import nn
 
+from .deformable_encoder import token_centres
 from .heads import MLP, ISDAHeads
+from .position_encoding import sine_features
 
 
 def point_sine_embedding(points, num_feats, temperature=10000, scale=2 * math.pi):
     """Sine/cosine encoding of points as :class:`PositionEmbeddingSine` encodes pixel centres.
 
     points: [..., 2] (x, y) in [0, 1] -> [..., 2 * num_feats] (the y features, then the x ones)."""
-    dim_t = torch.arange(num_feats, dtype=torch.float32, device=points.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos = points.float()[..., None] * scale / dim_t  # [..., 2, F]
-    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+    pos = sine_features(points.float() * scale, num_feats, temperature)  # [..., 2, F]
     return torch.cat((pos[..., 1, :], pos[..., 0, :]), dim=-1)
-
-
-def token_centres(spatial_shapes, valid_ratios):
-    """Centre (x, y) of every token of the flattened levels, normalised by the valid (unpadded)
-    extent of its level: spatial_shapes [L, 2] (H, W); valid_ratios [N, L, 2] (x, y) ->
-    [N, S, 2] (values above 1 on padding)."""
-    device = valid_ratios.device
-    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
-    out = []
-    for lvl, (h, w) in enumerate(shapes):
-        ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
-        xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(1, h * w, 2)
-        out.append(grid / valid_ratios[:, None, lvl])
-    return torch.cat(out, 1)
 
 
 class QuerySelection(nn.Module):
