@@ -41,12 +41,12 @@ def _plain(x, l1, act, l2):
     return l2(act(l1(x)))
 
 
-@pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+# with dropout only the compiled kernel gives the same random mask in the fp32 and float64 runs
+# (torch's dropout draws differently per dtype), so (plain, p > 0) has no float64 reference
+@pytest.mark.parametrize("fast,p", [(False, 0.0), (True, 0.0), (True, 0.3)])
 def test_recomputed_ffn_matches_float64_composition(fast, p):
-    if p > 0 and not (fast and fast_dropout_available(torch.zeros(1))):
-        # the same random mask in both runs needs the compiled (dtype-independent) kernel
-        pytest.skip("compiled dropout not built" if fast else "torch dropout: another draw")
+    if p > 0 and not fast_dropout_available(torch.zeros(1)):
+        pytest.skip("compiled dropout not built")
     l1, act, l2 = _block(fast, p)
     act.train()
     x = torch.randn(2, 1500, D, generator=torch.Generator().manual_seed(1))
