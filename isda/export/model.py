@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
+from ..modeling.deformable_encoder import encoder_reference_points
 from ..modeling.meta_arch import SIZE_DIVISIBILITY, level_tokens, pyramid
 from .attention import ExportMSDeformAttn
 from .plain import to_plain
@@ -131,22 +132,6 @@ class ExportableISDA(nn.Module):
         """The model's tokens with the level sizes as a list (symbolic sizes when exported)."""
         return level_tokens(maps, masks, self.position_embedding, self.level_embed)
 
-    @staticmethod
-    def _encoder_reference_points(shapes, valid_ratios):
-        """``deformable_encoder.encoder_reference_points`` from the sizes list
-        (``linspace(0.5, n - 0.5, n)`` is exactly ``arange(n) + 0.5``)."""
-        device = valid_ratios.device
-        refs = []
-        for lvl, (h, w) in enumerate(shapes):
-            ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
-                                    torch.arange(w, dtype=torch.float32, device=device) + 0.5,
-                                    indexing="ij")
-            ref_y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
-            ref_x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
-            refs.append(torch.stack((ref_x, ref_y), -1))
-        ref = torch.cat(refs, 1)
-        return ref[:, :, None] * valid_ratios[:, None]
-
     def _mask_features(self, feats):
         """``MaskFeatureHead.forward`` with export-friendly coordinate channels (the inputs are
         padded to a multiple of 32, so every branch ends at the same size)."""
@@ -170,7 +155,7 @@ class ExportableISDA(nn.Module):
         levels = (8, 16, 32, 64)
         src, pos, token_mask, shapes, ratios = self._flatten([maps[s] for s in levels],
                                                              [masks[s] for s in levels])
-        reference_points = self._encoder_reference_points(shapes, ratios)
+        reference_points = encoder_reference_points(shapes, ratios)
         memory = src
         for layer in self.encoder.layers:
             memory = layer(memory, pos, reference_points, shapes, None, token_mask)

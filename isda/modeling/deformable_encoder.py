@@ -39,11 +39,10 @@ def token_centres(spatial_shapes, valid_ratios):
     shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
-            indexing="ij",
-        )
+        # arange + 0.5 (exactly linspace(0.5, n - 0.5, n)) also traces with symbolic sizes
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                                torch.arange(w, dtype=torch.float32, device=device) + 0.5,
+                                indexing="ij")
         ref_y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
         ref_x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack((ref_x, ref_y), -1))
