@@ -48,6 +48,12 @@ def add_isda_config(cfg):
     # (two-stage Deformable DETR / DINO's mixed query selection; isda/modeling/query_selection.py).
     # False = the paper's learned query points
     isda.TWO_STAGE = False
+    # dense supervision of the encoder tokens (isda/modeling/dense_supervision.py): tokens near
+    # each instance's mass centre predict its class and mask (SOLO's centre sampling, Co-DETR's
+    # auxiliary dense head); the losses x DENSE_LOSS_WEIGHT. Training only; with TWO_STAGE it
+    # trains the heads that place the queries. 0 = off (the paper's model)
+    isda.DENSE_LOSS_WEIGHT = 0.0
+    isda.DENSE_CENTRE_RADIUS = 0.2  # centre region: this fraction of the instance's box
     # mask branch
     isda.MASK_STRIDE = 4  # 8, 4 or 2
     isda.MASK_COORDS = True  # "MP": coordinates concatenated to the stride-32 input

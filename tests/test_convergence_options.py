@@ -172,6 +172,7 @@ def test_paper_configs_keep_the_paper_model():
     for path in sorted((ROOT / "configs" / "coco").glob("*.yaml")):
         cfg = _merged(path)
         assert cfg.MODEL.ISDA.AUX_GROUPS == 0, path.name
+        assert not cfg.MODEL.ISDA.TWO_STAGE and cfg.MODEL.ISDA.DENSE_LOSS_WEIGHT == 0, path.name
         assert cfg.SOLVER.WARMUP_FRACTION == 0 and cfg.SOLVER.STEP_FRACTIONS == (), path.name
 
 

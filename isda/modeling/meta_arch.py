@@ -11,7 +11,8 @@ from detectron2.structures import BitMasks, ImageList
 from .channel_mapper import ChannelMapper
 from .criterion import SetCriterion, check_finite
 from .deformable_decoder import DeformableDecoder
-from .deformable_encoder import DeformableEncoder
+from .deformable_encoder import DeformableEncoder, token_centres
+from .dense_supervision import DenseCriterion, TokenHead
 from .heads import ISDAHeads, predict_masks
 from .mask_feature_head import MaskFeatureHead
 from .matcher import HungarianMatcher
@@ -76,12 +77,16 @@ class ISDA(nn.Module):
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
-                 cpu_fast_paths=False, test_precision="fp32", query_selection=None):
+                 cpu_fast_paths=False, test_precision="fp32", query_selection=None,
+                 dense_criterion=None, dense_head=None):
         """``cpu_fast_paths``: convert the built model with
         :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
         CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
         ``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
-        up to the mask features under bf16 autocast (post-processing stays fp32)."""
+        up to the mask features under bf16 autocast (post-processing stays fp32).
+        ``dense_criterion`` (``MODEL.ISDA.DENSE_LOSS_WEIGHT`` > 0, training only): the dense
+        supervision of the encoder tokens, through ``query_selection``'s token heads or, without
+        two-stage, ``dense_head``."""
         super().__init__()
         if test_precision not in ("fp32", "bf16"):
             raise ValueError(f"MODEL.ISDA.TEST.PRECISION must be fp32 or bf16, got {test_precision!r}")
@@ -96,6 +101,10 @@ class ISDA(nn.Module):
         # encoder proposals placing the queries (MODEL.ISDA.TWO_STAGE), or None: learned points
         self.query_selection = query_selection
         self.criterion = criterion
+        self.dense_criterion = dense_criterion
+        self.dense_head = dense_head
+        if dense_criterion is not None and query_selection is None and dense_head is None:
+            raise ValueError("dense supervision needs token heads (dense_head or query_selection)")
         self.num_feature_levels = num_feature_levels
         self.mask_stride = mask_stride
         self.mask_feature_source = mask_feature_source
@@ -145,7 +154,17 @@ class ISDA(nn.Module):
                                  c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DEEP_SUPERVISION,
                                  num_queries=c.NUM_QUERIES, aux_groups=c.AUX_GROUPS,
                                  aux_repeats=c.AUX_GROUP_REPEATS, aux_weight=c.AUX_LOSS_WEIGHT)
+        dense_criterion = dense_head = None
+        if c.DENSE_LOSS_WEIGHT > 0:
+            dense_criterion = DenseCriterion(c.DENSE_LOSS_WEIGHT, c.FOCAL_WEIGHT, c.DICE_WEIGHT,
+                                             c.FOCAL_ALPHA, c.FOCAL_GAMMA, c.DENSE_CENTRE_RADIUS)
+            if not c.TWO_STAGE:
+                dense_head = TokenHead(c.HIDDEN_DIM, c.NUM_CLASSES, c.MASK_OUT_DIM,
+                                       c.KERNEL_REF_POINTS)
+        elif c.DENSE_LOSS_WEIGHT < 0:
+            raise ValueError(f"MODEL.ISDA.DENSE_LOSS_WEIGHT must be >= 0, got {c.DENSE_LOSS_WEIGHT}")
         return {
+            "dense_criterion": dense_criterion, "dense_head": dense_head,
             "backbone": backbone, "in_features": in_features, "mapper": mapper,
             "encoder": encoder, "decoder": decoder, "mask_head": mask_head, "heads": heads,
             "criterion": criterion, "num_feature_levels": c.NUM_FEATURE_LEVELS,
@@ -224,7 +243,7 @@ class ISDA(nn.Module):
         logits, kernels = self.heads(hs, ref)
         return {"images": images, "maps": maps, "memory": memory, "hs": hs, "logits": logits,
                 "kernels": kernels, "reference_points": ref, "mask_features": mask_features,
-                "proposals": proposals}
+                "proposals": proposals, "levels": (shapes, ratios, token_mask)}
 
     def prepare_targets(self, batched_inputs, mask_shape):
         """GT masks padded to the padded input size and bilinearly downsampled by the mask
@@ -247,6 +266,17 @@ class ISDA(nn.Module):
             targets.append({"labels": inst.gt_classes.long(), "masks": soft})
         return targets
 
+    def dense_losses(self, out, targets):
+        """The dense supervision of the encoder tokens (``MODEL.ISDA.DENSE_LOSS_WEIGHT``)."""
+        shapes, ratios, token_mask = out["levels"]
+        if self.dense_head is not None:
+            tokens, heads = self.dense_head(out["memory"]), self.dense_head.heads
+        else:
+            tokens, heads = out["proposals"]["tokens"], self.query_selection.heads
+        centres = token_centres(shapes, ratios).clamp(0, 1)
+        return self.dense_criterion(tokens, heads, centres, token_mask, shapes,
+                                    out["mask_features"], targets, self.mask_stride)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs):
         if not self.training and self.test_precision == "bf16":
@@ -265,9 +295,12 @@ class ISDA(nn.Module):
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
             # mask logits are computed inside, with gradient only for the matched queries
             proposals = out["proposals"]
-            return self.criterion(out["logits"], out["kernels"], mask_features, targets,
-                                  None if proposals is None else
-                                  (proposals["logits"], proposals["kernels"]))
+            losses = self.criterion(out["logits"], out["kernels"], mask_features, targets,
+                                    None if proposals is None else
+                                    (proposals["logits"], proposals["kernels"]))
+            if self.dense_criterion is not None:
+                losses.update(self.dense_losses(out, targets))
+            return losses
 
         logits, kernels = out["logits"][-1].float(), out["kernels"][-1].float()
         mask_features = mask_features.float()  # no-ops in fp32

@@ -38,7 +38,8 @@ class QuerySelection(nn.Module):
         """memory: [N, S, C]; padding_mask: [N, S] bool or None; spatial_shapes: [L, 2];
         valid_ratios: [N, L, 2] -> dict with reference_points [N, Q, 2] (x, y in [0, 1], no
         gradient), query_pos [N, Q, C], logits [N, Q, K] and kernels [N, Q, D] of the selected
-        tokens (Q = num_queries; fewer tokens than queries are repeated)."""
+        tokens (Q = num_queries; fewer tokens than queries are repeated), and every token's
+        features ``tokens`` [N, S, C] for ``self.heads`` (dense supervision)."""
         n, s, c = memory.shape
         tokens = self.output_norm(self.output_proj(memory))
         scores = self.heads.class_embed(tokens).detach().amax(-1)
@@ -53,4 +54,4 @@ class QuerySelection(nn.Module):
         logits, kernels = self.heads(selected, ref)
         query_pos = self.pos_mlp(point_sine_embedding(ref, c // 2).to(memory.dtype))
         return {"reference_points": ref, "query_pos": query_pos, "logits": logits,
-                "kernels": kernels}
+                "kernels": kernels, "tokens": tokens}
