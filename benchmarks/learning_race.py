@@ -74,8 +74,10 @@ BATCH = 2
 # --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
-def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_opts, batch=BATCH):
-    """The config of one run (``max_iter`` sets the schedule)."""
+def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_opts, batch=BATCH,
+              input_opts=()):
+    """The config of one run (``max_iter`` sets the schedule; ``input_opts``: KEY VALUE
+    overrides of the dataset's input recipe, given to both models)."""
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
@@ -99,7 +101,7 @@ def build_cfg(model, dataset, max_iter, seed, isda_config, isda_opts, maskrcnn_o
             "SOLVER.STEPS", (round(max_iter * 210 / 270), round(max_iter * 250 / 270)),
             "SOLVER.WARMUP_ITERS", warmup])
         cfg.merge_from_list(list(maskrcnn_opts))
-    cfg.merge_from_list(list(d["input"]))
+    cfg.merge_from_list(list(d["input"]) + list(input_opts))
     cfg.merge_from_list(["DATASETS.TRAIN", (d["train"],), "DATASETS.TEST", (d["test"],),
                          "SOLVER.IMS_PER_BATCH", batch, "MODEL.DEVICE", "cpu", "SEED", seed,
                          "DATALOADER.NUM_WORKERS", 0, "MODEL.WEIGHTS", ""])
@@ -210,13 +212,14 @@ def run_worker(spec):
 
     if spec["calibrate"]:
         cfg = build_cfg(spec["model"], spec["dataset"], 1000, 0, spec["isda_config"],
-                        spec["isda_opts"], spec["maskrcnn_opts"], spec.get("batch", BATCH))
+                        spec["isda_opts"], spec["maskrcnn_opts"], spec.get("batch", BATCH),
+                        spec.get("input_opts", ()))
         skip, n = 3, spec["calibrate"]
         _, cpu = train(spec["model"], cfg, iters=skip + n, skip=skip)
         return {"cpu_s_per_iter": cpu / n}
     cfg = build_cfg(spec["model"], spec["dataset"], spec["max_iter"], spec["seed"],
                     spec["isda_config"], spec["isda_opts"], spec["maskrcnn_opts"],
-                    spec.get("batch", BATCH))
+                    spec.get("batch", BATCH), spec.get("input_opts", ()))
     model, cpu = train(spec["model"], cfg)
     segm = evaluate(cfg, model)
     out = {"cpu_min": cpu / 60, "iters": cfg.SOLVER.MAX_ITER}
@@ -294,6 +297,8 @@ def main(argv=None):
     p.add_argument("--isda-config", default=ISDA_CONFIG, help=f"default {ISDA_CONFIG}")
     p.add_argument("--isda-opts", nargs="*", default=[], help="KEY VALUE overrides for ISDA")
     p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE for Mask R-CNN")
+    p.add_argument("--input-opts", nargs="*", default=[],
+                   help="KEY VALUE overrides of the datasets' input recipe, for both models")
     p.add_argument("--batch", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
     p.add_argument("--calibrate-iters", type=int, default=10, help="timed calibration iterations")
@@ -321,6 +326,8 @@ def main(argv=None):
         s = dict(base, model=model, dataset=dataset, calibrate=0)
         if args.batch != BATCH:  # (the default batch stays out of the cache key)
             s["batch"] = args.batch
+        if args.input_opts:  # (so does the datasets' own input recipe)
+            s["input_opts"] = list(args.input_opts)
         if model != "isda":
             s["isda_opts"], s["isda_config"] = [], ""
         else:
@@ -382,7 +389,8 @@ def main(argv=None):
     if args.plot:
         plot(table, args.plot)
         print(f"plot: {args.plot}")
-    print(json.dumps({"batch": args.batch, "threads_per_run": 1, "isda_config": args.isda_config,
+    print(json.dumps({"batch": args.batch, "threads_per_run": 1, "input_opts": args.input_opts,
+                      "isda_config": args.isda_config,
                       "isda_opts": args.isda_opts, "maskrcnn_config": MASKRCNN_CONFIG,
                       "calibration_cpu_s_per_iter": {f"{d}/{m}": round(s, 3)
                                                      for (m, d), s in cal.items()},
