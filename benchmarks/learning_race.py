@@ -232,6 +232,20 @@ def run_worker(spec):
 # --------------------------------------------------------------------------------------------
 # the race (parent process)
 # --------------------------------------------------------------------------------------------
+def config_fingerprint(path):
+    """sha1 (12 hex digits) of a config file and its ``_BASE_`` chain: an edited config file
+    gets new cache entries instead of the old file's results."""
+    import yaml
+
+    texts, path = [], (ROOT / path).resolve()
+    while path is not None:
+        text = path.read_text()
+        texts.append(text)
+        base = (yaml.safe_load(text) or {}).get("_BASE_")
+        path = (path.parent / base).resolve() if base else None
+    return hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
+
+
 def spec_key(spec):
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -332,6 +346,7 @@ def main(argv=None):
             s["isda_opts"], s["isda_config"] = [], ""
         else:
             s["maskrcnn_opts"] = []
+            s["isda_config_sha"] = config_fingerprint(args.isda_config)
         s.update(kw)
         return s
 

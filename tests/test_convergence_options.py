@@ -180,6 +180,7 @@ def test_scratch_config_builds_and_follows_max_iter():
     cfg = _merged(ROOT / "configs" / "custom" / "isda_R18_scratch.yaml")
     assert cfg.MODEL.ISDA.NUM_CLASSES == 1 and cfg.MODEL.ISDA.NUM_QUERIES >= 100
     assert cfg.MODEL.ISDA.AUX_GROUPS >= 1 and cfg.SOLVER.BACKBONE_MULTIPLIER == 1.0
+    assert cfg.MODEL.ISDA.TWO_STAGE and cfg.MODEL.ISDA.DENSE_LOSS_WEIGHT > 0
     # the schedule is set by fractions only: changing MAX_ITER moves warm-up and decay
     for max_iter in (300, 3000):
         cfg.SOLVER.MAX_ITER = max_iter
@@ -191,6 +192,7 @@ def test_scratch_config_builds_and_follows_max_iter():
     model.train()
     losses = model([synthetic_input(96, 128, num_classes=1, seed=s) for s in range(2)])
     assert all(torch.isfinite(v) for v in losses.values())
+    assert {"loss_focal_enc", "loss_focal_dense", "loss_focal_aux"} <= set(losses)
 
 
 # --------------------------------------------------------------------------------------------
