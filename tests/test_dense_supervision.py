@@ -8,7 +8,8 @@ import torch
 
 from isda.modeling.dense_supervision import DenseCriterion, centre_assignment
 from isda.modeling.heads import ISDAHeads
-from test_model_helpers import build, small_cfg, synthetic_input
+from test_model_helpers import (assert_every_parameter_trained_then_infer, build, small_cfg,
+                                synthetic_input)
 
 # a 64 x 64 padded input, masks on the stride-4 grid (16 x 16), levels of strides 8, 16, 32, 64
 SHAPES = [(8, 8), (4, 4), (2, 2), (1, 1)]
@@ -122,13 +123,7 @@ def test_dense_option_trains_every_parameter(two_stage):
     losses = model(batch)
     assert {"loss_focal_dense", "loss_dice_dense"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
-    sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing
-    model.eval()
-    with torch.no_grad():
-        out = model([synthetic_input(64, 96, with_targets=False)])
-    assert len(out[0]["instances"]) == 10 * 3
+    assert_every_parameter_trained_then_infer(model, losses, 10 * 3)
 
 
 def test_dense_off_builds_nothing_and_negative_weight_fails():
