@@ -250,11 +250,14 @@ def spec_key(spec):
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_cached(spec, results_dir):
-    """Run ``spec`` in a fresh one-thread process, or read its cached result."""
+def run_cached(spec, results_dir, cached_only=False):
+    """Run ``spec`` in a fresh one-thread process, or read its cached result (``cached_only``:
+    None when it is not cached)."""
     path = Path(results_dir) / f"{spec_key(spec)}.json"
     if path.is_file():
         return json.loads(path.read_text())["result"]
+    if cached_only:
+        return None
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, __file__, "--_run", json.dumps(spec)], env=env,
                           cwd=ROOT, capture_output=True, text=True)
@@ -318,6 +321,8 @@ def main(argv=None):
     p.add_argument("--calibrate-iters", type=int, default=10, help="timed calibration iterations")
     p.add_argument("--results", default=str(ROOT / "output" / "learning_race"),
                    help="folder of cached per-run results")
+    p.add_argument("--cached-only", action="store_true",
+                   help="report the runs already in --results, run nothing (a race in progress)")
     p.add_argument("--plot", default=None, help="PNG of mask AP and AP50 against CPU-minutes")
     p.add_argument("--_run", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -354,8 +359,10 @@ def main(argv=None):
     pool = ThreadPoolExecutor(args.workers)
     # seconds per iteration of each model on each dataset (both calibrated side by side)
     cal_specs = {(m, d): spec(m, d, calibrate=args.calibrate_iters) for m in models for d in datasets}
-    cal = {k: f.result()["cpu_s_per_iter"] for k, f in
-           ((k, pool.submit(run_cached, s, args.results)) for k, s in cal_specs.items())}
+    cal = {k: f.result() for k, f in
+           ((k, pool.submit(run_cached, s, args.results, args.cached_only))
+            for k, s in cal_specs.items())}
+    cal = {k: r["cpu_s_per_iter"] for k, r in cal.items() if r is not None}
     for (m, d), s in sorted(cal.items()):
         print(f"calibration {d} {label[m]}: {s:.3f} CPU-s / iteration", flush=True)
     runs = []
@@ -363,12 +370,16 @@ def main(argv=None):
         for seed in seeds:
             for d in datasets:
                 for m in models:
+                    if (m, d) not in cal:  # --cached-only and not even calibrated
+                        continue
                     iters = max(10, round(b * 60 / cal[(m, d)]))
                     runs.append(((m, d, b, seed), spec(m, d, max_iter=iters, seed=seed)))
-    futures = [(k, pool.submit(run_cached, s, args.results)) for k, s in runs]
+    futures = [(k, pool.submit(run_cached, s, args.results, args.cached_only)) for k, s in runs]
     rows = []
     for (m, d, b, seed), f in futures:
         r = f.result()
+        if r is None:  # --cached-only: not run yet
+            continue
         rows.append(dict(r, model=m, label=label[m], dataset=d, budget_min=b, seed=seed))
         print(f"{d} {label[m]:>12} budget {b:g} min seed {seed}: {r['iters']} it, "
               f"{r['cpu_min']:.2f} CPU-min, AP {r['AP']:.1f} AP50 {r['AP50']:.1f} "
@@ -380,6 +391,8 @@ def main(argv=None):
             for m in models:
                 sel = [r for r in rows if r["dataset"] == d and r["budget_min"] == b
                        and r["model"] == m]
+                if not sel:  # --cached-only: no run of this cell yet
+                    continue
                 t = {"dataset": d, "budget_min": b, "model": m, "label": label[m],
                      "iters": round(statistics.fmean(r["iters"] for r in sel)),
                      "cpu_min": round(statistics.fmean(r["cpu_min"] for r in sel), 2),
@@ -388,10 +401,11 @@ def main(argv=None):
                     mean, sd = summarise(sel, k)
                     t[k], t[k + "_sd"] = round(mean, 1), round(sd, 1)
                 table.append(t)
-    print("\n| dataset | budget (CPU-min) | model | iterations | CPU-min | mask AP | AP50 | AP75 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | budget (CPU-min) | model | seeds | iterations | CPU-min | mask AP | AP50 "
+          "| AP75 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['dataset']} | {t['budget_min']:g} | {t['label']} | {t['iters']} | "
+        print(f"| {t['dataset']} | {t['budget_min']:g} | {t['label']} | {t['seeds']} | {t['iters']} | "
               f"{t['cpu_min']} | {t['AP']} +- {t['AP_sd']} | {t['AP50']} +- {t['AP50_sd']} | "
               f"{t['AP75']} +- {t['AP75_sd']} |")
     goal = {}
@@ -399,6 +413,8 @@ def main(argv=None):
         for d in datasets:
             for b in budgets:
                 cell = {t["model"]: t for t in table if t["dataset"] == d and t["budget_min"] == b}
+                if len(cell) < 2:
+                    continue
                 goal[f"{d}@{b:g}"] = {k: cell["isda"][k] >= cell["maskrcnn"][k]
                                       for k in ("AP", "AP50")}
     if args.plot:
