@@ -16,27 +16,11 @@ import torch
 from torch import nn
 
 from .criterion import dice_loss, sigmoid_focal_loss
-from .heads import ISDAHeads
 
 # an instance of size s (square root of its area, input pixels) is assigned to every level of
 # stride t with SIZE_PER_STRIDE[0] <= s / t < SIZE_PER_STRIDE[1] (the finest level takes all
 # smaller instances, the coarsest all larger ones): mostly two neighbouring levels
 SIZE_PER_STRIDE = (2.0, 8.0)
-
-
-class TokenHead(nn.Module):
-    """Per-token predictions for dense supervision without two-stage query selection (the
-    structure of :class:`QuerySelection`'s token branch): memory [N, S, C] -> tokens [N, S, C]
-    for ``self.heads`` (class Linear and kernel MLP)."""
-
-    def __init__(self, d_model, num_classes, kernel_dim, kernel_ref_points):
-        super().__init__()
-        self.output_proj = nn.Linear(d_model, d_model)
-        self.output_norm = nn.LayerNorm(d_model)
-        self.heads = ISDAHeads(d_model, num_classes, kernel_dim, kernel_ref_points)
-
-    def forward(self, memory):
-        return self.output_norm(self.output_proj(memory))
 
 
 @torch.no_grad()

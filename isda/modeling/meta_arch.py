@@ -12,13 +12,13 @@ from .channel_mapper import ChannelMapper
 from .criterion import SetCriterion, check_finite
 from .deformable_decoder import DeformableDecoder
 from .deformable_encoder import DeformableEncoder, token_centres
-from .dense_supervision import DenseCriterion, TokenHead
+from .dense_supervision import DenseCriterion
 from .heads import ISDAHeads, predict_masks
 from .mask_feature_head import MaskFeatureHead
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import instances_from_topk, prefers_channels_last, select_topk
-from .query_selection import QuerySelection
+from .query_selection import QuerySelection, TokenHead
 
 SIZE_DIVISIBILITY = 32
 

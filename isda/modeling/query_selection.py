@@ -22,16 +22,32 @@ def point_sine_embedding(points, num_feats, temperature=10000, scale=2 * math.pi
     return torch.cat((pos[..., 1, :], pos[..., 0, :]), dim=-1)
 
 
-class QuerySelection(nn.Module):
+class TokenHead(nn.Module):
+    """Per-token predictions of the encoder memory: Linear + LayerNorm -> token features for
+    ``self.heads`` (class Linear and kernel MLP, as the queries'). Used alone by the dense
+    supervision without two-stage (``isda/modeling/dense_supervision.py``)."""
+
+    def __init__(self, d_model, num_classes, kernel_dim, kernel_ref_points):
+        super().__init__()
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.output_norm = nn.LayerNorm(d_model)
+        self.heads = ISDAHeads(d_model, num_classes, kernel_dim, kernel_ref_points)
+
+    def token_features(self, memory):
+        """memory [N, S, C] -> token features [N, S, C]."""
+        return self.output_norm(self.output_proj(memory))
+
+    def forward(self, memory):
+        return self.token_features(memory)
+
+
+class QuerySelection(TokenHead):
     """Encoder proposals: memory [N, S, C] -> the ``num_queries`` best tokens' centres (the
     decoder's reference points and positional queries) and their own predictions."""
 
     def __init__(self, d_model, num_classes, kernel_dim, kernel_ref_points, num_queries):
-        super().__init__()
+        super().__init__(d_model, num_classes, kernel_dim, kernel_ref_points)
         self.num_queries = num_queries
-        self.output_proj = nn.Linear(d_model, d_model)
-        self.output_norm = nn.LayerNorm(d_model)
-        self.heads = ISDAHeads(d_model, num_classes, kernel_dim, kernel_ref_points)
         self.pos_mlp = MLP(d_model, d_model, d_model, 2)
 
     def forward(self, memory, padding_mask, spatial_shapes, valid_ratios):
@@ -41,7 +57,7 @@ class QuerySelection(nn.Module):
         tokens (Q = num_queries; fewer tokens than queries are repeated), and every token's
         features ``tokens`` [N, S, C] for ``self.heads`` (dense supervision)."""
         n, s, c = memory.shape
-        tokens = self.output_norm(self.output_proj(memory))
+        tokens = self.token_features(memory)
         scores = self.heads.class_embed(tokens).detach().amax(-1)
         if padding_mask is not None:
             scores = scores.masked_fill(padding_mask, float("-inf"))
