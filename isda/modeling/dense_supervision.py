@@ -70,8 +70,8 @@ def centre_assignment(masks, mask_stride, padded_size, spatial_shapes, valid_tok
         on_level = present & (size >= lo) & (size < hi)  # [G]
         ty = (torch.arange(lh, device=device, dtype=torch.float32) + 0.5) * sy
         tx = (torch.arange(lw, device=device, dtype=torch.float32) + 0.5) * sx
-        ry = torch.maximum(radius * box_h / 2, torch.full_like(box_h, sy / 2))
-        rx = torch.maximum(radius * box_w / 2, torch.full_like(box_w, sx / 2))
+        ry = (radius * box_h / 2).clamp(min=sy / 2)
+        rx = (radius * box_w / 2).clamp(min=sx / 2)
         near_y = (ty[None] - cy[:, None]).abs() <= ry[:, None]  # [G, lh]
         near_x = (tx[None] - cx[:, None]).abs() <= rx[:, None]  # [G, lw]
         hit = (near_y[:, :, None] & near_x[:, None, :] & on_level[:, None, None]).flatten(1)
@@ -130,9 +130,8 @@ class DenseCriterion(nn.Module):
         valid = (~padding_mask).float()[..., None]
         focal = (sigmoid_focal_loss(logits, cls_target, self.alpha, self.gamma) * valid).sum()
         src, tgt = torch.cat(kernel_rows).float(), torch.cat(mask_rows).float()
-        n_masks = max(src.shape[0], 1)
         # an image without instances still runs its (empty) product: every parameter stays in
         # the graph (DistributedDataParallel)
-        dice = dice_loss(src, tgt).sum() / n_masks if src.shape[0] else src.sum() * 0.0
+        dice = dice_loss(src, tgt).sum() / src.shape[0] if src.shape[0] else src.sum() * 0.0
         return {"loss_focal_dense": self.weight * self.focal_weight * focal / max(num_pos, 1),
                 "loss_dice_dense": self.weight * self.dice_weight * dice}
