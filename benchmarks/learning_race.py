@@ -341,6 +341,8 @@ def main(argv=None):
             "maskrcnn_opts": list(args.maskrcnn_opts)}
     label = {"isda": args.label or "ISDA", "maskrcnn": "Mask R-CNN"}
 
+    isda_config_sha = config_fingerprint(args.isda_config)  # (read once, in every ISDA key)
+
     def spec(model, dataset, **kw):
         s = dict(base, model=model, dataset=dataset, calibrate=0)
         if args.batch != BATCH:  # (the default batch stays out of the cache key)
@@ -351,7 +353,7 @@ def main(argv=None):
             s["isda_opts"], s["isda_config"] = [], ""
         else:
             s["maskrcnn_opts"] = []
-            s["isda_config_sha"] = config_fingerprint(args.isda_config)
+            s["isda_config_sha"] = isda_config_sha
         s.update(kw)
         return s
 
