@@ -87,6 +87,21 @@ def test_gradients_in_float64(relu):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-15)
 
 
+def test_plain_dropout_keeps_no_mask_and_regenerates_it_for_any_gradient_layout():
+    """Without the ReLU the backward pass keeps nothing (the mask comes back from the seed);
+    the gradient is right for a non-contiguous incoming gradient as well."""
+    x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    saved = []
+    torch.manual_seed(5)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = D.dropout(x, 0.3, True)
+    assert saved == []
+    keep = (out != 0).to(torch.float64)
+    g = torch.randn(40, 6, dtype=torch.float64).t()  # transposed: not contiguous
+    (gx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx, g * keep / 0.7, rtol=0, atol=1e-15)
+
+
 def test_seed_comes_from_torch_generator_and_eval_is_identity():
     x = torch.randn(1000)
     torch.manual_seed(7)

@@ -11,7 +11,7 @@ shapes (Python ints when run eagerly, symbolic sizes under ``torch.export``), no
 :class:`ExportMSDeformAttn` is :class:`isda.layers.ms_deform_attn.MSDeformAttn` with that
 attention: same sub-layers (same state dict), same arithmetic, and the level sizes as a list.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +81,12 @@ class ExportMSDeformAttn(nn.Module):
         return out
 
     def forward(self, query, reference_points, input_flatten, shapes: List[Tuple[int, int]],
-                input_level_start_index=None, input_padding_mask=None):
+                input_level_start_index=None, input_padding_mask=None,
+                query_pos: Optional[torch.Tensor] = None):
         """As ``MSDeformAttn.forward`` with ``shapes`` = [(H_l, W_l)] * L in place of
         ``input_spatial_shapes``; ``input_level_start_index`` is not needed (ignored)."""
+        if query_pos is not None:
+            query = query + query_pos
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
         m, num_levels, p = self.n_heads, self.n_levels, self.n_points

@@ -7,7 +7,8 @@ Linear layer producing them (``benchmarks/dropout.py``). The kernel in ``isda._d
 (seed, element index) instead (splitmix64, 32 bits per element, keep when the word is
 >= round(p * 2^32)), multi-threaded and thread-count independent; the seed is drawn from torch's
 default generator, so ``torch.manual_seed`` and checkpointed RNG states still reproduce a run.
-The backward keeps a uint8 mask (a quarter of the float activations torch's dropout keeps).
+The backward keeps only the seed (the mask is regenerated from it), or with the fused ReLU a
+uint8 mask (torch's dropout keeps a bool mask).
 
 On other devices (CUDA: torch's fused Philox kernel is already fast) or without the extension
 the torch ops are used; outputs then differ in the random draw only. The model uses these only
@@ -44,16 +45,26 @@ def _draw_seed() -> int:
 
 
 class _DropoutFunction(Function):
+    """The compiled dropout. Without the fused ReLU the backward pass keeps nothing but the
+    seed: the mask is a function of (seed, element index) alone, so ``grad * mask * scale`` is
+    the same kernel run on the gradient. With the ReLU the mask also depends on the sign of the
+    input, and the uint8 mask is kept."""
+
     @staticmethod
     def forward(ctx, x, p: float, relu: bool):
-        out, mask = _extension().dropout_forward(x, p, _draw_seed(), relu)
-        ctx.save_for_backward(mask)
+        seed = _draw_seed()
+        out, mask = _extension().dropout_forward(x, p, seed, relu)
+        ctx.p, ctx.relu, ctx.seed = p, relu, seed
         ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(mask if relu else None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if not ctx.relu:  # regenerate: the forward kernel applied to the gradient
+            grad = _extension().dropout_forward(grad_out.contiguous(), ctx.p, ctx.seed, False)[0]
+            return grad, None, None
         (mask,) = ctx.saved_tensors
         return _extension().dropout_backward(grad_out, mask, ctx.scale), None, None
 

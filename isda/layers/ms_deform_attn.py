@@ -134,6 +134,35 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights)
 
 
+class _QueryProjections(Function):
+    """``(sampling_offsets(q), attention_weights(q))`` for ``q = query + query_pos`` that keeps
+    ``query`` and ``query_pos`` for the backward pass instead of ``q``: both are kept anyway (the
+    encoder's ``query`` is also the value projection's input, ``query_pos`` is one tensor for all
+    layers), so the [N, Lq, C] sum is no longer kept per layer; the backward pass recomputes it
+    (one addition). Same math as two Linear layers on the sum; the Linear modules' own forward
+    (nn.Linear or TokenLinear) computes the products."""
+
+    @staticmethod
+    def forward(ctx, query, query_pos, w_off, b_off, w_att, b_att, linear_off, linear_att):
+        q = query + query_pos
+        ctx.has_bias = (b_off is not None, b_att is not None)
+        ctx.save_for_backward(query, query_pos, w_off, w_att)
+        return linear_off(q), linear_att(q)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_off, grad_att):
+        query, query_pos, w_off, w_att = ctx.saved_tensors
+        q = (query + query_pos).reshape(-1, query.shape[-1])
+        g_off = grad_off.reshape(-1, grad_off.shape[-1])
+        g_att = grad_att.reshape(-1, grad_att.shape[-1])
+        grad_q = torch.addmm(g_off.mm(w_off), g_att, w_att).reshape(query.shape)
+        grad_w_off, grad_w_att = g_off.t().mm(q), g_att.t().mm(q)
+        grad_b_off = g_off.sum(0) if ctx.has_bias[0] else None
+        grad_b_att = g_att.sum(0) if ctx.has_bias[1] else None
+        return (grad_q, grad_q, grad_w_off, grad_b_off, grad_w_att, grad_b_att, None, None)
+
+
 # --------------------------------------------------------------------------------------------
 # module
 # --------------------------------------------------------------------------------------------
@@ -180,16 +209,18 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
+                input_level_start_index, input_padding_mask=None, query_pos=None):
         """
         Args:
-            query: [N, Lq, C].
+            query: [N, Lq, C]; with ``query_pos`` the attention's query is ``query + query_pos``.
             reference_points: [N, Lq, L, 2] normalised (x, y) in [0, 1] (top-left (0, 0)), or
                 [N, Lq, L, 4] boxes (cx, cy, w, h); offsets are then relative to half the box size.
             input_flatten: [N, S, C] flattened multi-level features.
             input_spatial_shapes: [L, 2] int64 (H, W).
             input_level_start_index: [L] int64.
             input_padding_mask: optional [N, S] bool, True at padding (those values are zeroed).
+            query_pos: optional [N, Lq, C] positional embedding added to ``query``; passing it
+                here instead of the sum lets training keep no copy of the sum.
         Returns:
             [N, Lq, C].
         """
@@ -200,9 +231,9 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, S, M, self.d_model // M)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P)
-        weights = F.softmax(weights, -1).view(N, Lq, M, L, P)
+        offsets, weights = self._query_projections(query, query_pos)
+        offsets = offsets.view(N, Lq, M, L, P, 2)
+        weights = F.softmax(weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (W, H)
             # offsets are in pixels of each level: scale by 1 / (W, H). One addcmul over rows of
@@ -222,3 +253,17 @@ class MSDeformAttn(nn.Module):
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
                                 weights)
         return self.output_proj(output)
+
+    def _query_projections(self, query, query_pos):
+        """-> (sampling offsets [N, Lq, M*L*P*2], attention logits [N, Lq, M*L*P]) of
+        ``query (+ query_pos)``; with gradient through :class:`_QueryProjections`."""
+        if query_pos is None:
+            return self.sampling_offsets(query), self.attention_weights(query)
+        if (not torch.is_grad_enabled() or query_pos.shape != query.shape
+                or torch.is_autocast_enabled(query.device.type)):
+            q = query + query_pos
+            return self.sampling_offsets(q), self.attention_weights(q)
+        return _QueryProjections.apply(
+            query, query_pos, self.sampling_offsets.weight, self.sampling_offsets.bias,
+            self.attention_weights.weight, self.attention_weights.bias, self.sampling_offsets,
+            self.attention_weights)

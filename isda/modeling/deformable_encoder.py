@@ -23,8 +23,9 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: [N, S, C]; reference_points: [N, S, L, 2] -> [N, S, C]."""
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask)
+        # the query is src + pos; passed apart so that training keeps no copy of the sum
+        src2 = self.self_attn(src, reference_points, src, spatial_shapes, level_start_index,
+                              padding_mask, query_pos=pos)
         src = self.norm1(src + self.dropout1(src2))
         # the FFN's hidden state is recomputed in the backward pass (transformer_blocks)
         src2 = feed_forward(src, self.linear1, self.activation_dropout, self.linear2)

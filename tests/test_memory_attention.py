@@ -1,0 +1,83 @@
+"""The deformable attention's query projections with the positional embedding passed apart
+(``MSDeformAttn(..., query_pos=pos)``, used by the encoder): values and gradients against the
+plain module on the summed query evaluated in float64, and what is kept for the backward pass."""
+import copy
+
+import pytest
+import torch
+
+from isda.cpu_fast_paths import convert_to_cpu_fast_paths
+from isda.layers.ms_deform_attn import MSDeformAttn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPES = [(6, 8), (3, 4)]
+C, HEADS, POINTS = 32, 4, 2
+
+
+def _inputs(seed=0, n=2):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in SHAPES)
+    src = torch.randn(n, s, C, generator=g)
+    pos = torch.randn(n, s, C, generator=g)
+    ref = torch.rand(n, s, len(SHAPES), 2, generator=g)
+    return src, pos, ref
+
+
+def _module(fast):
+    torch.manual_seed(0)
+    attn = MSDeformAttn(C, len(SHAPES), HEADS, POINTS)
+    with torch.no_grad():  # non-trivial offsets and weights (the init zeroes their weights)
+        for p in attn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    if fast:
+        convert_to_cpu_fast_paths(attn, allocator=False)
+    return attn
+
+
+def _run(attn, src, pos, ref, apart):
+    src = src.clone().requires_grad_(True)
+    pos = pos.clone().requires_grad_(True)
+    shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+    attn.zero_grad(set_to_none=True)
+    if apart:
+        out = attn(src, ref, src, shapes, starts, None, query_pos=pos)
+    else:
+        out = attn(src + pos, ref, src, shapes, starts, None)
+    g = torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype) - 0.5
+    (out * g).sum().backward()
+    return [out.detach(), src.grad, pos.grad] + [p.grad.clone() for p in attn.parameters()]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_query_pos_apart_matches_float64_sum(fast):
+    attn = _module(fast)
+    src, pos, ref = _inputs()
+    got = _run(attn, src, pos, ref, apart=True)
+    ref64 = copy.deepcopy(_module(False)).double()
+    want = _run(ref64, src.double(), pos.double(), ref.double(), apart=False)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_sum_of_query_and_pos_is_not_kept():
+    attn = _module(False)
+    src, pos, ref = _inputs()
+    src.requires_grad_(True)
+    pos.requires_grad_(True)
+    shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attn(src, ref, src, shapes, starts, None, query_pos=pos)
+    allowed = {src.untyped_storage().data_ptr(), pos.untyped_storage().data_ptr()}
+    full = [t for t in saved if t.shape == src.shape]
+    assert full and all(t.untyped_storage().data_ptr() in allowed for t in full)
+    # the plain call on the sum keeps the sum (what the encoder did before)
+    saved.clear()
+    q = src + pos
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attn(q, ref, src, shapes, starts, None)
+    assert any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() for t in saved)
