@@ -1,6 +1,7 @@
-"""The deformable attention's query projections with the positional embedding passed apart
-(``MSDeformAttn(..., query_pos=pos)``, used by the encoder): values and gradients against the
-plain module on the summed query evaluated in float64, and what is kept for the backward pass."""
+"""What the encoder keeps for the backward pass: the deformable attention's query projections
+with the positional embedding passed apart (``MSDeformAttn(..., query_pos=pos)``) and the
+post-norms that keep their output (``layer_norm_keeping_output``). Values and gradients against
+the plain modules evaluated in float64, and which tensors are kept."""
 import copy
 
 import pytest
@@ -81,3 +82,48 @@ def test_sum_of_query_and_pos_is_not_kept():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         attn(q, ref, src, shapes, starts, None)
     assert any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr() for t in saved)
+
+
+# --------------------------------------------------------------------------------------------
+# the encoder's post-norms: the backward pass keeps the LayerNorm's output, not its input
+# --------------------------------------------------------------------------------------------
+def _norm_grads(x, norm, fn):
+    x = x.clone().requires_grad_(True)
+    norm.zero_grad(set_to_none=True)
+    y = fn(x, norm)
+    g = torch.rand(y.shape, generator=torch.Generator().manual_seed(4)).to(y.dtype) - 0.5
+    (y * g).sum().backward()
+    return [y.detach(), x.grad, norm.weight.grad, norm.bias.grad]
+
+
+@pytest.mark.parametrize("gain", ["random", "one_near_zero"])
+def test_layer_norm_keeping_output_matches_float64_layer_norm(gain):
+    from isda.modeling.transformer_blocks import layer_norm_keeping_output
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(C)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(C) + 0.5)
+        norm.bias.copy_(torch.randn(C))
+        if gain == "one_near_zero":
+            norm.weight[3] = 0.05
+    x = torch.randn(2, 7, C) * 3 + 1
+    got = _norm_grads(x, norm, layer_norm_keeping_output)
+    ref = copy.deepcopy(norm).double()
+    want = _norm_grads(x.double(), ref, lambda t, m: m(t))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5)
+
+
+def test_layer_norm_keeping_output_keeps_no_input():
+    from isda.modeling.transformer_blocks import layer_norm_keeping_output
+
+    norm = torch.nn.LayerNorm(C)
+    x = torch.randn(5, C, requires_grad=True)
+    z = x * 2  # the norm's input, a fresh tensor
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer_norm_keeping_output(z, norm)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert z.untyped_storage().data_ptr() not in ptrs
+    assert y.untyped_storage().data_ptr() in ptrs

@@ -5,7 +5,7 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-__all__ = ["ACTIVATIONS", "ActivationDropout", "feed_forward"]
+__all__ = ["ACTIVATIONS", "ActivationDropout", "feed_forward", "layer_norm_keeping_output"]
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -127,3 +127,42 @@ def feed_forward(x, linear1, activation_dropout, linear2):
         return linear2(activation_dropout(linear1(x)))
     parts = [linear2(activation_dropout(linear1(r))) for r in rows.split(INFERENCE_CHUNK_ROWS)]
     return torch.cat(parts).reshape(*x.shape[:-1], parts[0].shape[-1])
+
+
+#: smallest |gain| divided by when the LayerNorm input is rebuilt from its output (as apex's
+#: memory-efficient LayerNorm does); gains nearer zero are clamped to it
+_MIN_GAIN = 1e-4
+
+
+class _LayerNormFromOutput(Function):
+    """``layer_norm(x)`` over the last dim that keeps its output (and the per-row mean and
+    1 / std) for the backward pass instead of its input: in a post-norm layer the output is kept
+    anyway by the next block, so the [rows, C] input no longer is. The backward pass rebuilds the
+    input as ``(y - bias) / weight / rstd + mean`` and runs torch's LayerNorm backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(y, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        y, weight, bias, mean, rstd = ctx.saved_tensors
+        gain = torch.where(weight >= 0, weight.clamp(min=_MIN_GAIN), weight.clamp(max=-_MIN_GAIN))
+        x = (y - bias).div_(gain).div_(rstd).add_(mean)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_y.contiguous(), x, (x.shape[-1],), mean, rstd, weight, bias,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b, None
+
+
+def layer_norm_keeping_output(x, norm: nn.LayerNorm):
+    """``norm(x)``; with gradient (and an affine LayerNorm over the last dim, no autocast) the
+    backward pass keeps the output instead of the input (:class:`_LayerNormFromOutput`): for
+    post-norm layers whose output the next block keeps. Same values as ``norm(x)``."""
+    if (not torch.is_grad_enabled() or not norm.elementwise_affine or norm.bias is None
+            or len(norm.normalized_shape) != 1 or torch.is_autocast_enabled(x.device.type)):
+        return norm(x)
+    return _LayerNormFromOutput.apply(x, norm.weight, norm.bias, norm.eps)
