@@ -108,8 +108,13 @@ def infer(model, sample):
     return out
 
 
-def train_step(model, opt, sample):
+def train_step(model, opt, sample, free_grads=None):
+    """One step as the model's own trainer runs it: Detectron2's SimpleTrainer (forward,
+    zero_grad, backward, step); ISDA's Trainer then frees the gradients (``free_grads``,
+    default: whether ``model`` is ISDA)."""
     from detectron2.utils.events import EventStorage
+
+    from isda.modeling.meta_arch import ISDA
 
     model.train()
     with EventStorage(0):
@@ -118,6 +123,8 @@ def train_step(model, opt, sample):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if free_grads if free_grads is not None else isinstance(model, ISDA):
+        opt.zero_grad(set_to_none=True)
     model.eval()
     return float(loss.detach())
 

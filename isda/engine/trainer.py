@@ -96,14 +96,18 @@ class Trainer(DefaultTrainer):
                 TensorboardXWriter(self.cfg.OUTPUT_DIR)]
 
     def run_step(self):
-        """Detectron2's step; a ``FloatingPointError`` of the model (non-finite outputs) is
-        raised again with the iteration (Detectron2's own loss check already names it)."""
+        """Detectron2's step, then the gradients are freed (``set_to_none``): Detectron2 frees
+        them only after the next forward pass, so they would sit beside that pass's activations
+        (168 MB for ISDA-R50; its peak training memory, docs/benchmarks.md). Hooks therefore see
+        no ``.grad`` after the step. A ``FloatingPointError`` of the model (non-finite outputs)
+        is raised again with the iteration (Detectron2's own loss check already names it)."""
         try:
             super().run_step()
         except FloatingPointError as e:
             if "iteration=" in str(e):
                 raise
             raise FloatingPointError(f"at iteration={self.iter}: {e}") from e
+        self._trainer.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self):
         # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer); later
