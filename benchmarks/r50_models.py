@@ -123,7 +123,9 @@ def train_step(model, opt, sample, free_grads=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if free_grads if free_grads is not None else isinstance(model, ISDA):
+    if free_grads is None:
+        free_grads = isinstance(model, ISDA)
+    if free_grads:
         opt.zero_grad(set_to_none=True)
     model.eval()
     return float(loss.detach())
