@@ -1,0 +1,58 @@
+"""The learning race's bookkeeping (benchmarks/learning_race.py), without training: the config
+fingerprint follows the whole ``_BASE_`` chain, cached runs are found by their full
+specification, ``--cached-only`` never starts a run, and the table's mean +- sd."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import learning_race as race  # noqa: E402
+
+
+def _configs(tmp_path, base_lr="0.001"):
+    (tmp_path / "Base.yaml").write_text(f"SOLVER:\n  BASE_LR: {base_lr}\n")
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text('_BASE_: "../Base.yaml"\nMODEL:\n  ISDA:\n    NUM_CLASSES: 1\n')
+    return child
+
+
+def test_fingerprint_changes_with_the_base_file_and_only_then(tmp_path):
+    child = _configs(tmp_path)
+    first = race.config_fingerprint(child)
+    assert race.config_fingerprint(child) == first and len(first) == 12
+    _configs(tmp_path, base_lr="0.002")  # only the _BASE_ file changes
+    assert race.config_fingerprint(child) != first
+    _configs(tmp_path)
+    assert race.config_fingerprint(child) == first
+
+
+def test_cached_runs_are_found_by_their_whole_spec_and_cached_only_never_runs(tmp_path,
+                                                                               monkeypatch):
+    spec = {"model": "isda", "dataset": "nuclei", "seed": 0, "max_iter": 10, "calibrate": 0}
+    other = dict(spec, seed=1)
+    assert race.spec_key(spec) != race.spec_key(other)
+    assert race.spec_key(dict(reversed(list(spec.items())))) == race.spec_key(spec)
+    (tmp_path / f"{race.spec_key(spec)}.json").write_text(
+        json.dumps({"spec": spec, "result": {"AP": 12.5}}))
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("a run was started")
+
+    monkeypatch.setattr(race.subprocess, "run", no_subprocess)
+    assert race.run_cached(spec, tmp_path) == {"AP": 12.5}
+    assert race.run_cached(other, tmp_path, cached_only=True) is None
+    with pytest.raises(AssertionError, match="a run was started"):
+        race.run_cached(other, tmp_path)
+
+
+def test_summary_is_mean_and_sample_sd():
+    rows = [{"AP": 1.0}, {"AP": 2.0}, {"AP": 6.0}]
+    mean, sd = race.summarise(rows, "AP")
+    assert mean == pytest.approx(3.0)
+    # sample sd by hand: deviations -2, -1, 3 -> (4 + 1 + 9) / 2 = 7
+    assert sd == pytest.approx(7 ** 0.5)
+    assert race.summarise([{"AP": 4.0}], "AP") == (4.0, 0.0)
