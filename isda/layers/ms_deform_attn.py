@@ -235,7 +235,6 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(N, Lq, M, L, P, 2)
         weights = F.softmax(weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by (W, H)
             # offsets are in pixels of each level: scale by 1 / (W, H). One addcmul over rows of
             # L * P * 2 contiguous values (a broadcast over the 6-d layout is ~40x slower on CPU)
             inv_size = 1.0 / input_spatial_shapes.flip(-1).to(offsets.dtype)          # [L, 2]
