@@ -56,3 +56,39 @@ def test_summary_is_mean_and_sample_sd():
     # sample sd by hand: deviations -2, -1, 3 -> (4 + 1 + 9) / 2 = 7
     assert sd == pytest.approx(7 ** 0.5)
     assert race.summarise([{"AP": 4.0}], "AP") == (4.0, 0.0)
+
+
+def test_next_pass_rescales_by_the_measured_cpu_time_and_accepts_within_tolerance():
+    # Mask R-CNN on nuclei3d: 14 iterations took 4.22 CPU-minutes of a 3-minute budget
+    assert race.next_pass_iters(14, 4.22, 3.0, 0.05) == 10  # 14 * 3 / 4.22 = 9.95
+    assert race.next_pass_iters(100, 2.5, 3.0, 0.05) == 120  # under budget: more iterations
+    assert race.next_pass_iters(100, 3.1, 3.0, 0.05) is None  # 3.3 % over: accepted
+    assert race.next_pass_iters(100, 2.86, 3.0, 0.05) is None  # 4.7 % under: accepted
+    assert race.next_pass_iters(12, 30.0, 3.0, 0.05) == 10  # never fewer than 10 iterations
+
+
+def test_a_cell_that_missed_its_budget_runs_again_and_the_table_reports_that_pass(
+        tmp_path, monkeypatch, capsys):
+    """The calibration says 1 CPU-s per iteration; the runs really take 1.5 (as Mask R-CNN's did):
+    pass 1 runs 180 iterations in 4.5 minutes of a 3-minute budget, pass 2 runs 120."""
+    started = []
+
+    def fake_run(spec, results_dir, cached_only=False):
+        if spec["calibrate"]:
+            return {"cpu_s_per_iter": 1.0}
+        started.append((spec["max_iter"], spec["seed"]))
+        n = spec["max_iter"]
+        return {"cpu_min": n * 1.5 / 60, "iters": n, "AP": n / 10, "AP50": n / 5, "AP75": 0.0}
+
+    monkeypatch.setattr(race, "run_cached", fake_run)
+    race.main(["--budgets", "3", "--seeds", "0,1", "--datasets", "nuclei", "--models", "isda",
+               "--results", str(tmp_path)])
+    assert sorted(started) == [(120, 0), (120, 1), (180, 0), (180, 1)]
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (row,) = last["table"]
+    assert (row["pass"], row["iters"], row["cpu_min"], row["AP"]) == (2, 120, 3.0, 12.0)
+
+    started.clear()  # one pass only: the calibration's iteration count is final
+    race.main(["--budgets", "3", "--seeds", "0", "--datasets", "nuclei", "--models", "isda",
+               "--results", str(tmp_path), "--passes", "1"])
+    assert started == [(180, 0)]
