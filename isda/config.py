@@ -25,6 +25,9 @@ def add_isda_config(cfg):
     isda.NUM_FEATURE_LEVELS = 4  # P3..P6
     isda.DIM_FEEDFORWARD = 1024
     isda.DROPOUT = 0.1
+    # training only: each encoder layer recomputes its forward in the backward pass instead of
+    # keeping its activations (less memory for more time; docs/benchmarks.md). Off: the default
+    isda.ENCODER_CHECKPOINT = False
     # channel mapper: GroupNorm groups
     isda.GN_GROUPS = 32
     # matcher cost weights

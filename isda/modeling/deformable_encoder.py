@@ -1,5 +1,6 @@
 """Deformable transformer encoder over the flattened multi-scale maps P3..P6."""
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
@@ -59,16 +60,25 @@ def encoder_reference_points(spatial_shapes, valid_ratios):
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of ``num_layers`` :class:`DeformableEncoderLayer`."""
+    """A stack of ``num_layers`` :class:`DeformableEncoderLayer`.
 
-    def __init__(self, num_layers=6, **layer_kwargs):
+    ``checkpoint`` (``MODEL.ISDA.ENCODER_CHECKPOINT``): in training, each layer keeps only its
+    input for the backward pass and runs its forward again there (activation checkpointing,
+    torch.utils.checkpoint; dropout masks are reproduced from the saved RNG state), trading
+    time for the layers' activations (docs/benchmarks.md)."""
+
+    def __init__(self, num_layers=6, checkpoint=False, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self.checkpoint = checkpoint
 
     def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         """src, pos: [N, S, C]; padding_mask: [N, S] bool (True = padding) -> [N, S, C]."""
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         out = src
         for layer in self.layers:
-            out = layer(out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            args = (out, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            out = (torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+                   if recompute else layer(*args))
         return out

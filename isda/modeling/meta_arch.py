@@ -137,7 +137,7 @@ class ISDA(nn.Module):
                                num_extra=1, gn_groups=c.GN_GROUPS)
         layer_kwargs = dict(d_model=c.HIDDEN_DIM, d_ffn=c.DIM_FEEDFORWARD, dropout=c.DROPOUT,
                             n_levels=c.NUM_FEATURE_LEVELS, n_heads=c.NHEADS, n_points=c.NUM_POINTS)
-        encoder = DeformableEncoder(c.ENC_LAYERS, **layer_kwargs)
+        encoder = DeformableEncoder(c.ENC_LAYERS, checkpoint=c.ENCODER_CHECKPOINT, **layer_kwargs)
         layer_kwargs.pop("d_model")
         decoder = DeformableDecoder(c.NUM_QUERIES, c.DEC_LAYERS, c.HIDDEN_DIM,
                                     aux_groups=c.AUX_GROUPS, two_stage=c.TWO_STAGE, **layer_kwargs)
