@@ -414,7 +414,7 @@ def main(argv=None):
             final[cell] = got[cell]
             used = statistics.fmean(r["cpu_min"] for r in got[cell])
             nxt = next_pass_iters(iters[cell], used, cell[2], args.tolerance)
-            if nxt is not None and len(got[cell]) == len(seeds):
+            if nxt is not None and len(got[cell]) == len(seeds) and pass_no < args.passes:
                 print(f"pass {pass_no} {cell[1]} {label[cell[0]]} {cell[2]:g} min: used "
                       f"{used:.2f} CPU-min at {iters[cell]} it -> {nxt} it", flush=True)
                 iters[cell] = nxt
