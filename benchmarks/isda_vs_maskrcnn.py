@@ -76,11 +76,11 @@ def _rss_kb(field):
     raise RuntimeError(field)
 
 
-def memory_worker(name, mode, h, w, threads):
+def memory_worker(name, mode, h, w, threads, isda_opts=()):
     """Runs in a fresh process: peak RSS added by :data:`MEMORY_PASSES` passes (MB) over the RSS
     once the model, its optimizer and the input exist. ``name`` "isda_bf16": ISDA with TEST.PRECISION bf16."""
     set_threads(threads)
-    model, opt = build("isda" if name == "isda_bf16" else name)
+    model, opt = build("isda" if name == "isda_bf16" else name, isda_opts=isda_opts)
     if name == "isda_bf16":
         model.test_precision = "bf16"
     sample = make_input(h, w)
@@ -98,21 +98,22 @@ def memory_worker(name, mode, h, w, threads):
     return (_rss_kb("VmHWM") - base) / 1024
 
 
-def measure_memory(name, mode, h, w, threads):
+def measure_memory(name, mode, h, w, threads, isda_opts=()):
     cmd = [sys.executable, __file__, "--_memory-worker", name, mode, "--size", f"{h}x{w}",
-           "--threads", str(threads), "--allocator", os.environ.get("ISDA_CPU_ALLOCATOR", "keep")]
+           "--threads", str(threads), "--allocator", os.environ.get("ISDA_CPU_ALLOCATOR", "keep"),
+           "--isda-opts", *isda_opts]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
-def memory_figures(report, runs, h, w, threads, repeats):
+def memory_figures(report, runs, h, w, threads, repeats, isda_opts=()):
     """``runs``: [(model name, pass)]; each measured ``repeats`` times in fresh processes, the
     runs alternating within a repeat. Stores ``{name}_{pass}_peak_mb`` (median) and
     ``..._spread`` ([min, max]) in ``report``; -> {(name, pass): [MB per repeat]}."""
     peaks = {r: [] for r in runs}
     for i in range(repeats):
         for name, mode in (runs if i % 2 == 0 else runs[::-1]):
-            peaks[(name, mode)].append(measure_memory(name, mode, h, w, threads))
+            peaks[(name, mode)].append(measure_memory(name, mode, h, w, threads, isda_opts))
         print(f"  repeat {i + 1}/{repeats}: " + "  ".join(
             f"{n} {m} {v[-1]:.0f} MB" for (n, m), v in peaks.items()), flush=True)
     for (name, mode), v in peaks.items():
@@ -214,6 +215,9 @@ def main(argv=None):
                    help="glibc policy for both models: 'keep' freed memory in the heap, as "
                         "train_net.py does on the CPU (isda/utils/cpu_allocator.py), or the "
                         "'system' default (mmap/munmap per large block)")
+    p.add_argument("--isda-opts", nargs="*", default=[],
+                   help="KEY VALUE overrides of ISDA's config, e.g.\n"
+                        "MODEL.ISDA.ENCODER_CHECKPOINT True (memory for time)")
     p.add_argument("--_memory-worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     h, w = parse_size(args.size or ("512x768" if args.quick else "800x1216"))
@@ -226,7 +230,8 @@ def main(argv=None):
 
     if args._memory_worker:
         name, mode = args._memory_worker
-        print(json.dumps({"peak_mb": round(memory_worker(name, mode, h, w, args.threads), 1)}))
+        peak = memory_worker(name, mode, h, w, args.threads, args.isda_opts)
+        print(json.dumps({"peak_mb": round(peak, 1)}))
         return
     if args.profile:
         from profile_isda import run_profile
@@ -238,9 +243,9 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 10)
     train_repeats = args.train_repeats or (2 if args.quick else 6)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
-    models = {m: build(m) for m in MODELS}
+    models = {m: build(m, isda_opts=args.isda_opts) for m in MODELS}
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
-              "allocator": args.allocator, "infer_repeats": repeats,
+              "allocator": args.allocator, "isda_opts": args.isda_opts, "infer_repeats": repeats,
               "train_repeats": train_repeats, "memory_repeats": memory_repeats,
               "spreads": "min-max over the repeats"}
 
@@ -283,11 +288,11 @@ def main(argv=None):
     runs = [(m, mode) for mode in ("infer", "train") for m in MODELS]
     if not args.no_bf16:
         runs.append(("isda_bf16", "infer"))
-    peaks = memory_figures(report, runs, h, w, args.threads, memory_repeats)
+    peaks = memory_figures(report, runs, h, w, args.threads, memory_repeats, args.isda_opts)
     if not args.no_flops:
         print("FLOPs (fvcore)", flush=True)
         for m in MODELS:
-            model, _ = build(m)
+            model, _ = build(m, isda_opts=args.isda_opts)
             report[f"{m}_gflops"] = round(count_flops(model, sample) / 1e9, 1)
             del model
     report["infer_ratio"] = round(inf["isda"] / inf["maskrcnn"], 3)

@@ -16,7 +16,8 @@ def set_threads(n):
     torch.set_num_threads(n)
 
 
-def build_cfg(name):
+def build_cfg(name, isda_opts=()):
+    """``isda_opts``: KEY VALUE overrides of ISDA's config (e.g. MODEL.ISDA.ENCODER_CHECKPOINT)."""
     from detectron2 import model_zoo
     from detectron2.config import get_cfg
 
@@ -27,6 +28,7 @@ def build_cfg(name):
         isda.add_isda_config(cfg)
         cfg.merge_from_file(str(ROOT / "configs" / "Base-ISDA.yaml"))
         cfg.merge_from_list(["MODEL.ISDA.NUM_CLASSES", 80, "MODEL.ISDA.TEST.TOPK", 100])
+        cfg.merge_from_list(list(isda_opts))
     else:
         cfg.merge_from_file(model_zoo.get_config_file(
             "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
@@ -62,7 +64,7 @@ def calibrate_frozen_bn(model, seed=1):
         h.remove()
 
 
-def build(name, seed=0):
+def build(name, seed=0, isda_opts=()):
     """-> (model in eval mode, optimizer the model's own trainer would use)."""
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
@@ -70,7 +72,7 @@ def build(name, seed=0):
     from isda.solver import build_isda_optimizer
 
     torch.manual_seed(seed)
-    cfg = build_cfg(name)
+    cfg = build_cfg(name, isda_opts)
     model = build_model(cfg).eval()
     calibrate_frozen_bn(model)
     opt = build_isda_optimizer(cfg, model) if name == "isda" else build_optimizer(cfg, model)
