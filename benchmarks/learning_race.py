@@ -334,9 +334,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="parallel runs, one thread each")
     p.add_argument("--calibrate-iters", type=int, default=10, help="timed calibration iterations")
     p.add_argument("--passes", type=int, default=2,
-                   help="a cell whose runs missed their budget by more than --tolerance runs again\n"
-                        "with MAX_ITER rescaled by their own measured CPU time, up to this many\n"
-                        "passes in all (default 2; 1 = the calibration alone sets MAX_ITER)")
+                   help="a cell whose runs missed their budget by more than --tolerance runs\n"
+                        "again with MAX_ITER rescaled by their own measured CPU time, up to this\n"
+                        "many passes in all (default 2; 1 = the calibration alone sets MAX_ITER)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accepted relative miss of a cell's mean CPU time (default 0.05)")
     p.add_argument("--results", default=str(ROOT / "output" / "learning_race"),
@@ -403,10 +403,11 @@ def main(argv=None):
             if r is None:  # --cached-only: not run yet
                 continue
             got.setdefault((m, d, b), []).append(
-                dict(r, model=m, label=label[m], dataset=d, budget_min=b, seed=seed, run_pass=pass_no))
-            print(f"pass {pass_no} {d} {label[m]:>12} budget {b:g} min seed {seed}: {r['iters']} it, "
-                  f"{r['cpu_min']:.2f} CPU-min, AP {r['AP']:.1f} AP50 {r['AP50']:.1f} "
-                  f"AP75 {r['AP75']:.1f}", flush=True)
+                dict(r, model=m, label=label[m], dataset=d, budget_min=b, seed=seed,
+                     run_pass=pass_no))
+            print(f"pass {pass_no} {d} {label[m]:>12} budget {b:g} min seed {seed}: "
+                  f"{r['iters']} it, {r['cpu_min']:.2f} CPU-min, AP {r['AP']:.1f} "
+                  f"AP50 {r['AP50']:.1f} AP75 {r['AP75']:.1f}", flush=True)
         still = []
         for cell in pending:
             if cell not in got:  # --cached-only: this pass has not started for the cell
@@ -444,9 +445,9 @@ def main(argv=None):
           "| AP50 | AP75 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['dataset']} | {t['budget_min']:g} | {t['label']} | {t['seeds']} | {t['pass']} | "
-              f"{t['iters']} | "
-              f"{t['cpu_min']} | {t['AP']} +- {t['AP_sd']} | {t['AP50']} +- {t['AP50_sd']} | "
+        print(f"| {t['dataset']} | {t['budget_min']:g} | {t['label']} | {t['seeds']} | "
+              f"{t['pass']} | {t['iters']} | {t['cpu_min']} | {t['AP']} +- {t['AP_sd']} | "
+              f"{t['AP50']} +- {t['AP50_sd']} | "
               f"{t['AP75']} +- {t['AP75_sd']} |")
     goal = {}
     if set(models) == {"isda", "maskrcnn"}:
