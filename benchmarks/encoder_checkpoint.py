@@ -9,14 +9,13 @@ training peak beside them for scale.
 Time: one model, one input, training steps as ISDA's trainer runs them
 (``benchmarks/r50_models.train_step``), the switch toggled on the same model between steps, the
 two settings alternating (median ms each). Memory: the training peak RSS of fresh processes
-(``isda_vs_maskrcnn.py``'s memory worker: four steps, the CPU allocator policy of train_net.py),
-the three processes alternating per repeat (median and min-max). The last stdout line is one
-JSON object.
+(``isda_vs_maskrcnn.memory_figures``: four steps each, the CPU allocator policy of
+train_net.py, the three processes alternating per repeat; median and min-max). The last stdout
+line is one JSON object.
 """
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -69,18 +68,10 @@ def main(argv=None):
           f"{times['checkpoint']:.0f} ms   ratio {report['train_time_ratio']:.3f}", flush=True)
     del model, opt
 
-    peaks = {k: [] for k in ("default", "checkpoint", "maskrcnn")}
-    for i in range(memory_repeats):
-        order = list(peaks) if i % 2 == 0 else list(peaks)[::-1]
-        for k in order:
-            name = "maskrcnn" if k == "maskrcnn" else "isda"
-            opts = SWITCH if k == "checkpoint" else []
-            peaks[k].append(bench.measure_memory(name, "train", h, w, args.threads, opts))
-        print(f"  memory repeat {i + 1}/{memory_repeats}: " + "  ".join(
-            f"{k} {v[-1]:.0f} MB" for k, v in peaks.items()), flush=True)
-    for k, v in peaks.items():
-        report[f"{k}_train_peak_mb"] = round(statistics.median(v), 1)
-        report[f"{k}_train_peak_mb_spread"] = bench.spread(v, 1)
+    runs = [(k, "train") for k in ("default", "checkpoint", "maskrcnn")]
+    peaks = bench.memory_figures(report, runs, h, w, args.threads, memory_repeats,
+                                 variants={"default": ("isda", []), "checkpoint": ("isda", SWITCH)})
+    peaks = {k: v for (k, _), v in peaks.items()}
     bench.paired_ratio(report, "checkpoint_vs_default_mem", peaks["checkpoint"], peaks["default"])
     bench.paired_ratio(report, "default_train_mem_ratio", peaks["default"], peaks["maskrcnn"])
     bench.paired_ratio(report, "checkpoint_train_mem_ratio", peaks["checkpoint"], peaks["maskrcnn"])

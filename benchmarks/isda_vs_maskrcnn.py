@@ -106,14 +106,18 @@ def measure_memory(name, mode, h, w, threads, isda_opts=()):
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
-def memory_figures(report, runs, h, w, threads, repeats, isda_opts=()):
+def memory_figures(report, runs, h, w, threads, repeats, isda_opts=(), variants=None):
     """``runs``: [(model name, pass)]; each measured ``repeats`` times in fresh processes, the
-    runs alternating within a repeat. Stores ``{name}_{pass}_peak_mb`` (median) and
-    ``..._spread`` ([min, max]) in ``report``; -> {(name, pass): [MB per repeat]}."""
+    runs alternating within a repeat. ``variants``: {name: (model name, ISDA opts)} for names
+    that are settings of a model (default: the name is the model, with ``isda_opts``). Stores
+    ``{name}_{pass}_peak_mb`` (median) and ``..._spread`` ([min, max]) in ``report``;
+    -> {(name, pass): [MB per repeat]}."""
+    variants = variants or {}
     peaks = {r: [] for r in runs}
     for i in range(repeats):
         for name, mode in (runs if i % 2 == 0 else runs[::-1]):
-            peaks[(name, mode)].append(measure_memory(name, mode, h, w, threads, isda_opts))
+            model, opts = variants.get(name, (name, isda_opts))
+            peaks[(name, mode)].append(measure_memory(model, mode, h, w, threads, opts))
         print(f"  repeat {i + 1}/{repeats}: " + "  ".join(
             f"{n} {m} {v[-1]:.0f} MB" for (n, m), v in peaks.items()), flush=True)
     for (name, mode), v in peaks.items():
