@@ -1,6 +1,8 @@
 """Fixtures shared by the test files. Helpers (configs, synthetic inputs) are plain functions in
 ``test_model_helpers.py``; ``pytest.ini``'s ``pythonpath`` makes it, ``train_net`` and the tools
 importable by name."""
+import shutil
+
 import pytest
 import torch
 
@@ -13,3 +15,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _ModuleTmpPathFactory:
+    """``tmp_path_factory.mktemp`` for module-scoped fixtures, with the folders removed once the
+    module's tests are done: their training runs write checkpoints of ~150 MB each, and the whole
+    suite kept ~8 GB in the temporary folder per flavour (CI ran out of disk)."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self.made = []
+
+    def mktemp(self, basename):
+        path = self._factory.mktemp(basename)
+        self.made.append(path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path_factory(tmp_path_factory):
+    factory = _ModuleTmpPathFactory(tmp_path_factory)
+    yield factory
+    for path in factory.made:
+        shutil.rmtree(path, ignore_errors=True)

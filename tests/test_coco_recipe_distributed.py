@@ -93,8 +93,8 @@ if __name__ in ("__main__", "__mp_main__"):  # script mode (PYTHONPATH: the repo
 
 
 @pytest.fixture(scope="module")
-def coco_recipe_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("coco_recipe")
+def coco_recipe_run(module_tmp_path_factory):
+    out = module_tmp_path_factory.mktemp("coco_recipe")
     proc = subprocess.run(
         [sys.executable, __file__, "--num-cpu-procs", "2", "--config-file", CONFIG, *OVERRIDES,
          "OUTPUT_DIR", str(out)],

@@ -78,8 +78,8 @@ def write_project(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("my_project")
+def project(module_tmp_path_factory):
+    folder = module_tmp_path_factory.mktemp("my_project")
     commands = write_project(folder)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     logs = []

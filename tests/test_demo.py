@@ -36,7 +36,7 @@ def _load_demo():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(module_tmp_path_factory):
     """A tiny ISDA trained for 2 iterations on voc_sample, saved by ISDACheckpointer and
     published as .safetensors."""
     from plain_loop import MinimalInstanceMapper
@@ -60,7 +60,7 @@ def weights(tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = tmp_path_factory.mktemp("weights")
+    out = module_tmp_path_factory.mktemp("weights")
     ISDACheckpointer(model, save_dir=str(out), optimizer=opt).save("model_final", iteration=2)
     info = publish(str(out / "model_final.pth"), str(out), name="isda_voc_tiny")
     return {"pth": str(out / "model_final.pth"), "safetensors": info["safetensors"]}

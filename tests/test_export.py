@@ -72,13 +72,13 @@ def _cfg(config, opts):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(module_tmp_path_factory):
     """Model with its weights file, one export in both formats through the command line.
     One intra-op thread for both runtimes (as the model tests: on busy shared cores
     multi-threaded kernels made these small workloads many times slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("export")
+    tmp = module_tmp_path_factory.mktemp("export")
     config = os.environ.get("ISDA_EXPORT_TEST_CONFIG")
     weights = os.environ.get("ISDA_EXPORT_TEST_WEIGHTS")
     if config and weights:

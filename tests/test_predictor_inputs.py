@@ -30,12 +30,12 @@ def _cfg(min_size, weights=""):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(module_tmp_path_factory):
     """The tiny model's random initialisation (seed 0) saved as a complete checkpoint (the
     predictor loads its weights strictly)."""
     torch.manual_seed(0)
     model = build_model(_cfg(0))
-    path = str(tmp_path_factory.mktemp("weights") / "random_init.pth")
+    path = str(module_tmp_path_factory.mktemp("weights") / "random_init.pth")
     torch.save({"model": model.state_dict()}, path)
     return path
 

@@ -183,12 +183,12 @@ def test_unusable_annotations_name_file_and_annotation(voc):
 
 
 @pytest.fixture(scope="module")
-def huge(tmp_path_factory):
+def huge(module_tmp_path_factory):
     """A 4000x6000 JPEG (H x W) upscaled from a real VOC photo, with scaled annotations."""
     src = copy.deepcopy(DatasetCatalog.get("voc_sample")[1])
     h, w = 4000, 6000
     sy, sx = h / src["height"], w / src["width"]
-    path = tmp_path_factory.mktemp("huge") / "huge.jpg"
+    path = module_tmp_path_factory.mktemp("huge") / "huge.jpg"
     Image.open(src["file_name"]).convert("RGB").resize((w, h), Image.BILINEAR).save(path)
     anns = []
     for a in src["annotations"]:

@@ -50,8 +50,8 @@ def run(*cmd):
 
 
 @pytest.fixture(scope="module")
-def two_procs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def two_procs(module_tmp_path_factory):
+    out = module_tmp_path_factory.mktemp("ddp")
     log = run(__file__, "--num-cpu-procs", "2", "--config-file", CONFIG, *SMALL,
               "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", str(out))
     return out, log

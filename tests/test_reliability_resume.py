@@ -65,9 +65,9 @@ def wait_for_iteration(proc, out, iteration, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    ref_out = tmp_path_factory.mktemp("uninterrupted")
-    out = tmp_path_factory.mktemp("killed")
+def runs(module_tmp_path_factory):
+    ref_out = module_tmp_path_factory.mktemp("uninterrupted")
+    out = module_tmp_path_factory.mktemp("killed")
     log = open(ref_out / "stdout.txt", "w")
     reference = subprocess.Popen(command(ref_out), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                  env=ENV)

@@ -40,9 +40,9 @@ def make_trainer(out, *opts, resume=False):
 
 
 @pytest.fixture(scope="module")
-def bad_dataset(tmp_path_factory):
+def bad_dataset(module_tmp_path_factory):
     """nuclei_train's 8 tiles + a missing file + a truncated PNG (indices 8 and 9)."""
-    folder = tmp_path_factory.mktemp("bad")
+    folder = module_tmp_path_factory.mktemp("bad")
     good = copy.deepcopy(DatasetCatalog.get("nuclei_train"))
     data = open(good[0]["file_name"], "rb").read()
     (folder / "cut.png").write_bytes(data[: len(data) // 2])

@@ -57,8 +57,8 @@ def snapshot(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
+def first_run(module_tmp_path_factory):
+    out = module_tmp_path_factory.mktemp("train")
     log = train_net(*TINY, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "4", "OUTPUT_DIR", str(out))
     return out, log
 
