@@ -15,6 +15,7 @@ from .deformable_encoder import DeformableEncoder, token_centres
 from .dense_supervision import DenseCriterion
 from .heads import ISDAHeads, predict_masks
 from .mask_feature_head import MaskFeatureHead
+from .mask_targets import soft_masks_on_grid
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import instances_from_topk, prefers_channels_last, select_topk
@@ -247,22 +248,14 @@ class ISDA(nn.Module):
 
     def prepare_targets(self, batched_inputs, mask_shape):
         """GT masks padded to the padded input size and bilinearly downsampled by the mask
-        stride (soft targets on the mask grid ``mask_shape`` (h, w))."""
-        h, w = mask_shape
-        hp, wp = h * self.mask_stride, w * self.mask_stride
+        stride (soft targets on the mask grid ``mask_shape`` (h, w); read from the strided
+        pixels the resize samples: :func:`soft_masks_on_grid`)."""
         targets = []
         for x in batched_inputs:
             inst = x["instances"].to(self.device)
             gt = inst.gt_masks
             gt = gt.tensor if isinstance(gt, BitMasks) else torch.as_tensor(gt)
-            # zero padding to the padded input size (one pass: no zero-fill + copy of the
-            # full-resolution masks)
-            padded = F.pad(gt.float(), (0, wp - gt.shape[2], 0, hp - gt.shape[1]))
-            if gt.shape[0] > 0:
-                soft = F.interpolate(padded[:, None], size=(h, w), mode="bilinear",
-                                     align_corners=False)[:, 0]
-            else:
-                soft = padded.new_zeros(0, h, w)
+            soft = soft_masks_on_grid(gt, mask_shape, self.mask_stride)
             targets.append({"labels": inst.gt_classes.long(), "masks": soft})
         return targets
 
