@@ -214,33 +214,41 @@ class ISDA(nn.Module):
             (spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         return src, pos, token_mask, spatial_shapes, level_start_index, ratios
 
-    def forward_features(self, batched_inputs):
+    def forward_features(self, batched_inputs, keep_maps=True):
         """Run everything up to the per-layer predictions.
 
         Returns a dict with images (ImageList), class logits [layers, N, Q, K], kernels
         [layers, N, Q, D], reference points [N, Q, 2], mask features [N, D, Hp/s, Wp/s] and the
-        intermediate maps (dict stride -> P_l) and encoder memory (for inspection)."""
+        intermediate maps (dict stride -> P_l) and encoder memory (for inspection).
+        ``keep_maps`` False (inference): the stride-4 map is dropped from ``maps`` once the
+        mask-feature head has read it, which then runs before the transformer."""
         images, pad_mask = self.preprocess_image(batched_inputs)
         maps, masks = self.neck(images.tensor, pad_mask)
+        mask_features = None
+        if self.mask_feature_source != "encoder":
+            # (independent of the transformer: computed first, so that the stride-4 map can go
+            # before the transformer runs when it is not kept)
+            mask_features = self.mask_head({s: maps.get(s) for s in (4, 8, 16, 32)})
+            if not keep_maps:
+                maps.pop(4, None)
         levels = (8, 16, 32, 64)
         src, pos, token_mask, shapes, start, ratios = self.flatten_levels(
             [maps[s] for s in levels], [masks[s] for s in levels])
         # no padding anywhere (e.g. one image, or same-size images): skip the attention's masking
         attn_mask = token_mask if bool(token_mask.any()) else None
         memory = self.encoder(src, pos, shapes, start, ratios, attn_mask)
+        del src, pos  # (the encoder's inputs; kept by autograd when training)
         proposals = None
         if self.query_selection is not None:
             proposals = self.query_selection(memory, attn_mask, shapes, ratios)
         hs, ref = self.decoder(memory, shapes, start, ratios, attn_mask, proposals)
 
-        if self.mask_feature_source == "encoder":
+        if mask_features is None:  # MASK_FEATURE_SOURCE "encoder"
             n, _, c = memory.shape
             enc_maps = [t.transpose(1, 2).reshape(n, c, h, w)
                         for t, (h, w) in zip(memory.split(shapes.prod(1).tolist(), 1), shapes.tolist())]
-            mask_in = {4: maps.get(4), 8: enc_maps[0], 16: enc_maps[1], 32: enc_maps[2]}
-        else:
-            mask_in = {s: maps.get(s) for s in (4, 8, 16, 32)}
-        mask_features = self.mask_head(mask_in)
+            mask_features = self.mask_head({4: maps.get(4), 8: enc_maps[0], 16: enc_maps[1],
+                                            32: enc_maps[2]})
         logits, kernels = self.heads(hs, ref)
         return {"images": images, "maps": maps, "memory": memory, "hs": hs, "logits": logits,
                 "kernels": kernels, "reference_points": ref, "mask_features": mask_features,
@@ -280,9 +288,9 @@ class ISDA(nn.Module):
             from ..layers.mixed_precision import bf16_autocast
 
             with bf16_autocast(self.device.type, (self.decoder, self.heads, self.mask_head)):
-                out = self.forward_features(batched_inputs)
+                out = self.forward_features(batched_inputs, keep_maps=False)
         else:
-            out = self.forward_features(batched_inputs)
+            out = self.forward_features(batched_inputs, keep_maps=self.training)
         mask_features = out["mask_features"]
         if self.training:
             targets = self.prepare_targets(batched_inputs, mask_features.shape[-2:])
@@ -297,19 +305,29 @@ class ISDA(nn.Module):
 
         logits, kernels = out["logits"][-1].float(), out["kernels"][-1].float()
         mask_features = mask_features.float()  # no-ops in fp32
+        image_sizes = out["images"].image_sizes
+        # the backbone maps, the encoder memory and the padded images are not needed from here
+        # on: they go before the post-processing, whose full-size masks make the inference peak
+        del out
         # NaN / inf outputs would become NaN scores and a meaningless AP: refuse to report them
         check_finite([("class logits", logits), ("mask kernels", kernels),
                       ("mask features", mask_features)], "predictions (inference)")
-        results = []
-        for i, x in enumerate(batched_inputs):
-            image_size = out["images"].image_sizes[i]
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            # masks only for the top-k (query, class) pairs, not for every query
+        # masks only for the top-k (query, class) pairs, not for every query; then the mask
+        # features go too
+        picks = []
+        for i in range(len(batched_inputs)):
             cls_scores, query_idx, classes = select_topk(logits[i], self.test_topk)
             mask_logits = predict_masks(kernels[i, query_idx][None], mask_features[i:i + 1])[0]
-            inst = instances_from_topk(cls_scores, classes, mask_logits, image_size,
-                                       (height, width), self.mask_stride, self.mask_threshold,
-                                       self.chunk_pixels)
+            picks.append([cls_scores, classes, mask_logits])
+        del mask_features, mask_logits
+        results = []
+        for i, x in enumerate(batched_inputs):
+            image_size = image_sizes[i]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            pick, picks[i] = picks[i], None
+            # (pop: the post-processing holds the only reference to the logits and frees them)
+            inst = instances_from_topk(pick[0], pick[1], pick.pop(2), image_size, (height, width),
+                                       self.mask_stride, self.mask_threshold, self.chunk_pixels)
             results.append({"instances": inst})
         return results

@@ -99,6 +99,7 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
         cpu_paths = prefers_channels_last(mask_logits.device)
     final, classes, probs, binary = _score_and_sort(cls_scores, classes, mask_logits,
                                                     mask_threshold)
+    del mask_logits  # (freed here when the caller passed its only reference)
     topk, (h, w), s = probs.shape[0], probs.shape[-2:], mask_stride
     h_in, w_in = image_size
     out_h, out_w = output_size
@@ -133,6 +134,7 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
         else:
             _resize_chunk(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
                           out_masks[c0:c1], boxes[c0:c1])
+        del crop, up  # not alive while the next chunk is upsampled
     result = Instances((out_h, out_w))
     result.pred_masks = out_masks
     result.scores = final
