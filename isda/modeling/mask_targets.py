@@ -1,6 +1,5 @@
 """Ground-truth masks on the mask grid: the training targets of the mask losses and matching."""
 import torch
-import torch.nn.functional as F
 
 __all__ = ["soft_masks_on_grid"]
 

@@ -314,20 +314,17 @@ class ISDA(nn.Module):
                       ("mask features", mask_features)], "predictions (inference)")
         # masks only for the top-k (query, class) pairs, not for every query; then the mask
         # features go too
-        picks = []
-        for i in range(len(batched_inputs)):
-            cls_scores, query_idx, classes = select_topk(logits[i], self.test_topk)
-            mask_logits = predict_masks(kernels[i, query_idx][None], mask_features[i:i + 1])[0]
-            picks.append([cls_scores, classes, mask_logits])
-        del mask_features, mask_logits
+        tops = [select_topk(logits[i], self.test_topk) for i in range(len(batched_inputs))]
+        mask_logits = [predict_masks(kernels[i, query_idx][None], mask_features[i:i + 1])[0]
+                       for i, (_, query_idx, _) in enumerate(tops)]
+        del mask_features
         results = []
-        for i, x in enumerate(batched_inputs):
-            image_size = image_sizes[i]
+        for x, image_size, (cls_scores, _, classes) in zip(batched_inputs, image_sizes, tops):
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            pick, picks[i] = picks[i], None
             # (pop: the post-processing holds the only reference to the logits and frees them)
-            inst = instances_from_topk(pick[0], pick[1], pick.pop(2), image_size, (height, width),
-                                       self.mask_stride, self.mask_threshold, self.chunk_pixels)
+            inst = instances_from_topk(cls_scores, classes, mask_logits.pop(0), image_size,
+                                       (height, width), self.mask_stride, self.mask_threshold,
+                                       self.chunk_pixels)
             results.append({"instances": inst})
         return results
