@@ -29,8 +29,9 @@ except ImportError:  # pragma: no cover
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("ops", "csrc")          # the deformable attention op: isda._C
 DROPOUT_SRC = os.path.join("ops", "dropout")  # the optional compiled CPU dropout: isda._dropout
+CPU_CACHE_SRC = os.path.join("ops", "cpu_allocator")  # optional large-block CPU allocator: isda._cpu_cache
 #: Extensions whose build failure is reported and skipped (their Python side falls back to torch).
-OPTIONAL_EXTENSIONS = ("isda._dropout",)
+OPTIONAL_EXTENSIONS = ("isda._dropout", "isda._cpu_cache")
 
 
 def want_cuda() -> bool:
@@ -186,7 +187,13 @@ def get_extensions():
     else:
         op = CppExtension("isda._C", cpp_sources, include_dirs=include_dirs,
                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
-    return [op, dropout]
+    extensions = [op, dropout]
+    if sys.platform.startswith("linux"):  # mmap and pthread_atfork
+        extensions.append(CppExtension(
+            "isda._cpu_cache", sorted(glob.glob(os.path.join(CPU_CACHE_SRC, "*.cpp"))),
+            include_dirs=[os.path.join(HERE, CPU_CACHE_SRC)],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))
+    return extensions
 
 
 class BuildExtensionWithOptional(BuildExtension):

@@ -32,10 +32,10 @@ def child_train_ms(size, threads, repeats):
     """Median training-step ms of the plain model in this process (the allocator policy comes
     from ISDA_CPU_ALLOCATOR, applied before the model is built)."""
     from isda.cpu_fast_paths import convert_to_plain
-    from isda.utils.cpu_allocator import keep_freed_memory
+    from isda.utils.cpu_allocator import apply_allocator_policy
 
     set_threads(threads)
-    keep_freed_memory()
+    apply_allocator_policy()
     model, opt = build("isda")
     convert_to_plain(model)
     sample = make_input(*size)

@@ -41,10 +41,9 @@ def main(argv=None):
 
     h, w = parse_size(args.size or ("512x768" if args.quick else "800x1216"))
     set_threads(args.threads)
-    os.environ.setdefault("ISDA_CPU_ALLOCATOR", "keep")  # as train_net.py on the CPU
-    from isda.utils.cpu_allocator import allocator_policy, keep_freed_memory
+    from isda.utils.cpu_allocator import allocator_policy, apply_allocator_policy
 
-    keep_freed_memory()
+    apply_allocator_policy()
     train_repeats = args.train_repeats or (2 if args.quick else 5)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     report = {"size": [h, w], "threads": args.threads, "allocator": allocator_policy(),

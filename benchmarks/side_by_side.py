@@ -47,7 +47,7 @@ def layer_benchmark_args(doc: str, argv=None):
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-    from isda.utils.cpu_allocator import keep_freed_memory
+    from isda.utils.cpu_allocator import apply_allocator_policy
 
-    keep_freed_memory()
+    apply_allocator_policy()
     return args

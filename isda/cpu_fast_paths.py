@@ -10,8 +10,9 @@ computed beyond float rounding and the random draw of dropout:
 * :class:`~isda.layers.dropout.FastDropout` and a fused ReLU + dropout for the feed-forward
   blocks: the compiled counter-based dropout kernel (torch's CPU dropout costs more than the
   Linear layer before it);
-* the glibc keep-freed-memory policy (:mod:`isda.utils.cpu_allocator`): no page faults for the
-  large activations re-allocated every iteration (process-wide).
+* the CPU memory policy (:mod:`isda.utils.cpu_allocator`): a large-block cache, so that the
+  large activations re-allocated every iteration cost no page faults and fragment no heap
+  (process-wide).
 
 :func:`convert_to_cpu_fast_paths` swaps the classes of the transformer's modules in place, the
 way ``nn.SyncBatchNorm.convert_sync_batchnorm`` swaps normalisation layers: parameters, state
@@ -27,7 +28,7 @@ from .layers.token_linear import TokenLinear
 from .modeling.deformable_decoder import DeformableDecoderLayer
 from .modeling.deformable_encoder import DeformableEncoderLayer
 from .modeling.transformer_blocks import ACTIVATIONS, ActivationDropout
-from .utils.cpu_allocator import keep_freed_memory
+from .utils.cpu_allocator import apply_allocator_policy
 
 __all__ = ["FastActivationDropout", "convert_to_cpu_fast_paths", "convert_to_plain",
            "fast_path_modules"]
@@ -63,13 +64,13 @@ def _targets(model: nn.Module):
 def convert_to_cpu_fast_paths(model: nn.Module, allocator: bool = True) -> nn.Module:
     """Swap the transformer's Linear / Dropout / activation-dropout modules of ``model`` for
     their CPU fast twins (in place; returns ``model``); ``allocator`` also applies the
-    keep-freed-memory policy to this process."""
+    CPU memory policy to this process (:func:`~isda.utils.cpu_allocator.apply_allocator_policy`)."""
     for module in _targets(model):
         fast = _FAST.get(type(module))
         if fast is not None:
             module.__class__ = fast
     if allocator:
-        keep_freed_memory()
+        apply_allocator_policy()
     return model
 
 

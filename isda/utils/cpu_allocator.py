@@ -1,17 +1,27 @@
-"""Keep freed tensor memory in the process for CPU training (glibc ``mallopt``).
+"""The process's CPU memory policy for training and inference on the CPU.
 
-PyTorch's CPU allocator is plain ``malloc``/``free``. glibc serves every block larger than its
-mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it with ``munmap`` on free, so
-each large activation of a training iteration (a [20197, 1024] float encoder FFN activation is
-80 MB) is page-faulted and zeroed by the kernel again in every iteration: at 800x1216 that was
-1-2 million page faults and seconds of system time per ISDA iteration. With mmap disabled and
-trimming raised, freed blocks stay in the heap and are reused without faults.
-Measured effect: ``benchmarks/isda_vs_maskrcnn.py`` (it applies this to both models alike) and
-``docs/benchmarks.md``.
+PyTorch's CPU allocator is plain ``malloc``/``free``, and glibc serves large tensors in one of
+two ways, both bad for a training loop that frees and re-allocates the same large activations
+every iteration:
 
-Costs: the process keeps its peak heap (RSS does not drop after a large step); fragmentation can
-add to the peak. Opt out with ``ISDA_CPU_ALLOCATOR=system``. Only glibc (Linux) is affected;
-elsewhere this is a no-op. With CUDA tensors it changes nothing that matters.
+* its default maps every block above its mmap threshold afresh and unmaps it on free: each
+  large activation is page-faulted and zeroed again in every iteration (at 800x1216, 1-2 million
+  page faults and +35 % step time for ISDA-R50);
+* with mmap off (the ``"keep"`` policy) freed blocks stay in one heap and are reused without
+  faults, but the heap fragments: small long-lived objects land between large transient tensors,
+  and ISDA-R50's training peak RSS at 800x1216 was 1.6-2.1 GB above what mmap-per-block needs.
+
+The ``"cache"`` policy (the default) installs ISDA's large-block cache as torch's CPU allocator
+(``ops/cpu_allocator/block_cache.cpp``, extension ``isda._cpu_cache``): blocks of at least
+``ISDA_CPU_CACHE_MIN_KB`` (default 1024) are mapped on their own, rounded up to a size class
+(at most 12.5 % slack) and kept on free for the next tensor of the same class; idle blocks beyond
+``ISDA_CPU_CACHE_MB`` (default :data:`DEFAULT_CACHE_MB`) go back to the system, least recently
+freed first. Smaller blocks stay with glibc. Where the extension was not built (or off Linux),
+``"cache"`` falls back to ``"keep"``. Measured effect: ``docs/benchmarks.md``.
+
+``ISDA_CPU_ALLOCATOR``: ``cache`` (default), ``keep`` or ``system`` (glibc untouched). The
+policy is process-wide and applied once (tensors allocated before keep their allocator). With
+CUDA tensors it changes nothing that matters.
 """
 import ctypes
 import ctypes.util
@@ -19,29 +29,57 @@ import logging
 import os
 import sys
 
-__all__ = ["keep_freed_memory", "allocator_policy"]
+__all__ = ["apply_allocator_policy", "allocator_policy", "block_cache_stats", "POLICIES",
+           "DEFAULT_CACHE_MB"]
 
+POLICIES = ("cache", "keep", "system")
+#: idle large blocks kept for reuse (MB): above ISDA-R50's per-iteration turnover of blocks that
+#: are freed early and needed again late in a training step at 800x1216
+DEFAULT_CACHE_MB = 512
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _applied = None
 
 
 def allocator_policy() -> str:
-    """``"keep"`` (default) or ``"system"`` from ``ISDA_CPU_ALLOCATOR``."""
-    value = os.environ.get("ISDA_CPU_ALLOCATOR", "keep").strip().lower() or "keep"
-    if value not in ("keep", "system"):
-        raise ValueError(f"ISDA_CPU_ALLOCATOR must be 'keep' or 'system', got {value!r}")
+    """The requested policy: ``ISDA_CPU_ALLOCATOR`` (default ``"cache"``)."""
+    value = os.environ.get("ISDA_CPU_ALLOCATOR", "cache").strip().lower() or "cache"
+    if value not in POLICIES:
+        raise ValueError(f"ISDA_CPU_ALLOCATOR must be one of {', '.join(POLICIES)}; got {value!r}")
     return value
 
 
-def keep_freed_memory() -> bool:
-    """Apply the policy once per process; returns whether glibc was reconfigured."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
-    if allocator_policy() != "keep" or not sys.platform.startswith("linux"):
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _block_cache_module():
+    try:
+        from isda import _cpu_cache
+    except ImportError:
+        return None
+    return _cpu_cache
+
+
+def _install_block_cache() -> bool:
+    module = _block_cache_module()
+    if module is None:
         return False
+    min_kb = max(_env_int("ISDA_CPU_CACHE_MIN_KB", 1024), 4)
+    limit_mb = _env_int("ISDA_CPU_CACHE_MB", DEFAULT_CACHE_MB)
+    return bool(module.install(min_kb << 10, limit_mb << 20))
+
+
+def _keep_in_heap() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -49,9 +87,30 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
-    _applied = bool(ok)
-    logging.getLogger(__name__).info(
-        "CPU allocator: %s", "freed memory kept in the heap (ISDA_CPU_ALLOCATOR=keep)" if ok
-        else "mallopt refused; system default kept")
+    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+
+
+def apply_allocator_policy() -> str:
+    """Apply :func:`allocator_policy` once per process; returns the policy in effect:
+    ``"cache"``, ``"keep"`` or ``"system"`` (also when a request could not be applied)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    requested = allocator_policy()
+    _applied = "system"
+    if requested != "system" and sys.platform.startswith("linux"):
+        if requested == "cache" and _install_block_cache():
+            _applied = "cache"
+        elif _keep_in_heap():
+            _applied = "keep"
+    logging.getLogger(__name__).info("CPU allocator: %s (ISDA_CPU_ALLOCATOR=%s)", _applied, requested)
     return _applied
+
+
+def block_cache_stats():
+    """The large-block cache's counters (dict: in_use_bytes, cached_bytes, peak_in_use_bytes,
+    hits, misses, released, min_bytes, cache_limit), or None when it is not installed."""
+    module = _block_cache_module()
+    if module is None or not module.installed():
+        return None
+    return dict(module.stats())

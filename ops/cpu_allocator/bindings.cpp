@@ -1,0 +1,27 @@
+// Python bindings of the large-block caching CPU allocator (module isda._cpu_cache): an optional
+// extension of its own, like the compiled dropout, so that it can never stop the op from building.
+#include <torch/extension.h>
+
+#include "block_cache.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("install", &isda::install_block_cache,
+        "Make the large-block cache torch's CPU allocator (later calls change the limits)",
+        py::arg("min_bytes"), py::arg("cache_limit"));
+  m.def("installed", &isda::block_cache_installed);
+  m.def("class_size", &isda::block_class_size, py::arg("n"));
+  m.def("release", &isda::release_cached_blocks, "Unmap every idle cached block; bytes released");
+  m.def("stats", []() {
+    auto s = isda::block_cache_stats();
+    py::dict d;
+    d["in_use_bytes"] = s.in_use_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["peak_in_use_bytes"] = s.peak_in_use_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    d["released"] = s.released;
+    d["min_bytes"] = s.min_bytes;
+    d["cache_limit"] = s.cache_limit;
+    return d;
+  });
+}

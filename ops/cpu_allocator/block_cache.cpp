@@ -1,0 +1,222 @@
+// The large-block caching CPU allocator: see block_cache.h.
+#include "block_cache.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <pthread.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace isda {
+namespace {
+
+constexpr size_t kPage = 4096;
+// a request may take a cached block up to 1/kMaxSlackDiv larger than its class (25 %)
+constexpr size_t kMaxSlackDiv = 4;
+
+struct CachedBlock {
+  void* ptr;
+  size_t size;     // class size (bytes mapped)
+  uint64_t stamp;  // when it was freed: higher is more recent
+};
+
+class BlockCache final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (static_cast<int64_t>(n) < min_bytes_) {
+      void* p = previous_->raw_allocate(n);
+      return {p, p, &Delete, c10::Device(c10::DeviceType::CPU)};
+    }
+    const size_t size = block_class_size(n);
+    void* p = take(size);
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, static_cast<int64_t>(size), in_use_, in_use_ + cached_,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+    return {p, p, &Delete, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &Delete; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static void Delete(void* p);
+
+  void set_limits(int64_t min_bytes, int64_t cache_limit) {
+    std::lock_guard<std::mutex> g(mu_);
+    min_bytes_ = std::max<int64_t>(min_bytes, static_cast<int64_t>(kPage));
+    cache_limit_ = std::max<int64_t>(cache_limit, 0);
+    trim_locked(static_cast<size_t>(cache_limit_));
+  }
+
+  BlockCacheStats stats() {
+    std::lock_guard<std::mutex> g(mu_);
+    BlockCacheStats s;
+    s.in_use_bytes = static_cast<int64_t>(in_use_);
+    s.cached_bytes = static_cast<int64_t>(cached_);
+    s.peak_in_use_bytes = static_cast<int64_t>(peak_in_use_);
+    s.hits = hits_;
+    s.misses = misses_;
+    s.released = released_;
+    s.min_bytes = min_bytes_;
+    s.cache_limit = cache_limit_;
+    return s;
+  }
+
+  int64_t release_all() {
+    std::lock_guard<std::mutex> g(mu_);
+    const size_t before = cached_;
+    trim_locked(0);
+    return static_cast<int64_t>(before);
+  }
+
+  c10::Allocator* previous_ = nullptr;
+  std::mutex mu_;
+
+ private:
+  // A block of at least `size` bytes (a class size): the smallest cached block of that class or
+  // of the next classes up to kMaxSlack larger (among equals the most recently freed), else a
+  // new map.
+  void* take(size_t size) {
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      const size_t largest = size + size / kMaxSlackDiv;
+      int best = -1;
+      for (size_t i = 0; i < cache_.size(); ++i) {
+        const CachedBlock& b = cache_[i];
+        if (b.size < size || b.size > largest) continue;
+        if (best < 0 || b.size < cache_[best].size ||
+            (b.size == cache_[best].size && b.stamp > cache_[best].stamp)) {
+          best = static_cast<int>(i);
+        }
+      }
+      if (best >= 0) {
+        void* p = cache_[best].ptr;
+        const size_t got = cache_[best].size;
+        cache_[best] = cache_.back();
+        cache_.pop_back();
+        cached_ -= got;
+        note_in_use_locked(p, got);
+        ++hits_;
+        return p;
+      }
+      ++misses_;
+    }
+    void* p = map_block(size);
+    if (p == nullptr) {  // out of address space or memory: give the cache back and try again
+      release_all();
+      p = map_block(size);
+    }
+    TORCH_CHECK(p != nullptr, "isda CPU block cache: cannot allocate ", size, " bytes (mmap failed)");
+    std::lock_guard<std::mutex> g(mu_);
+    note_in_use_locked(p, size);
+    return p;
+  }
+
+  static void* map_block(size_t size) {
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+
+  void note_in_use_locked(void* p, size_t size) {
+    live_[p] = size;
+    in_use_ += size;
+    peak_in_use_ = std::max(peak_in_use_, in_use_);
+  }
+
+  // Returns a freed block to the cache; false when `p` is not a large block of this allocator.
+  bool give_back(void* p) {
+    size_t size;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      auto it = live_.find(p);
+      if (it == live_.end()) return false;
+      size = it->second;
+      live_.erase(it);
+      in_use_ -= size;
+      cache_.push_back({p, size, ++clock_});
+      cached_ += size;
+      trim_locked(static_cast<size_t>(cache_limit_));
+    }
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, -static_cast<int64_t>(size), in_use_, in_use_ + cached_,
+                                       c10::Device(c10::DeviceType::CPU));
+    }
+    return true;
+  }
+
+  // Unmaps the least recently freed cached blocks until at most `limit` bytes stay cached.
+  void trim_locked(size_t limit) {
+    while (cached_ > limit && !cache_.empty()) {
+      size_t oldest = 0;
+      for (size_t i = 1; i < cache_.size(); ++i) {
+        if (cache_[i].stamp < cache_[oldest].stamp) oldest = i;
+      }
+      munmap(cache_[oldest].ptr, cache_[oldest].size);
+      cached_ -= cache_[oldest].size;
+      cache_[oldest] = cache_.back();
+      cache_.pop_back();
+      ++released_;
+    }
+  }
+
+  int64_t min_bytes_ = 1 << 20;
+  int64_t cache_limit_ = int64_t(1) << 30;
+  std::vector<CachedBlock> cache_;
+  std::unordered_map<void*, size_t> live_;
+  size_t in_use_ = 0, cached_ = 0, peak_in_use_ = 0;
+  uint64_t clock_ = 0;
+  int64_t hits_ = 0, misses_ = 0, released_ = 0;
+};
+
+// Never destroyed: tensors may be freed during interpreter shutdown.
+BlockCache* g_cache = nullptr;
+
+void BlockCache::Delete(void* p) {
+  if (p == nullptr) return;
+  if (!g_cache->give_back(p)) g_cache->previous_->raw_deleter()(p);
+}
+
+// fork() while another thread holds the lock would leave the child's lock taken for good
+void lock_before_fork() { g_cache->mu_.lock(); }
+void unlock_after_fork() { g_cache->mu_.unlock(); }
+
+}  // namespace
+
+size_t block_class_size(size_t n) {
+  size_t top = size_t(1) << (63 - __builtin_clzll(static_cast<unsigned long long>(n)));
+  size_t step = std::max(top / 8, kPage);
+  return (n + step - 1) / step * step;
+}
+
+bool install_block_cache(int64_t min_bytes, int64_t cache_limit) {
+  static std::mutex install_mu;
+  std::lock_guard<std::mutex> g(install_mu);
+  if (g_cache == nullptr) {
+    c10::Allocator* previous = c10::GetCPUAllocator();
+    if (previous == nullptr || previous->raw_deleter() == nullptr) return false;
+    g_cache = new BlockCache();
+    g_cache->previous_ = previous;
+    g_cache->set_limits(min_bytes, cache_limit);
+    pthread_atfork(&lock_before_fork, &unlock_after_fork, &unlock_after_fork);
+    c10::SetCPUAllocator(g_cache, /*priority=*/1);
+    return c10::GetCPUAllocator() == g_cache;
+  }
+  g_cache->set_limits(min_bytes, cache_limit);
+  return c10::GetCPUAllocator() == g_cache;
+}
+
+bool block_cache_installed() { return g_cache != nullptr && c10::GetCPUAllocator() == g_cache; }
+
+BlockCacheStats block_cache_stats() { return g_cache ? g_cache->stats() : BlockCacheStats{}; }
+
+int64_t release_cached_blocks() { return g_cache ? g_cache->release_all() : 0; }
+
+}  // namespace isda
