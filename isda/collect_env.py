@@ -50,8 +50,15 @@ def isda_extension_info() -> dict:
         dropout = {"built": True, "file": _dropout.__file__}
     except ImportError as e:  # optional: torch's dropout is used instead
         dropout = {"built": False, "error": str(e)}
+    try:
+        from isda import _cpu_cache
+        cache = {"built": True, "installed": bool(_cpu_cache.installed())}
+    except ImportError as e:  # optional: the "keep" glibc policy is used instead
+        cache = {"built": False, "error": str(e)}
+    from isda.utils.cpu_allocator import allocator_policy
+    cache["ISDA_CPU_ALLOCATOR"] = allocator_policy()
     return {"built": True, "devices": devices, "file": _C.__file__,
-            "compiled_dropout (optional)": dropout}
+            "compiled_dropout (optional)": dropout, "cpu_block_cache (optional)": cache}
 
 
 def compiler_version() -> str:

@@ -1,8 +1,9 @@
 """The build: the deformable attention op (isda._C) never depends on an optional speed-up. The
-compiled dropout is its own extension (isda._dropout) whose build failure is reported and
-skipped; a failure of the op's own build still fails the install."""
+compiled dropout (isda._dropout) and the CPU block cache (isda._cpu_cache) are extensions of
+their own whose build failures are reported and skipped; a failure of the op's own build still fails the install."""
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,16 @@ def setup_module():
 
 def test_op_sources_hold_no_optional_code(setup_module):
     mod, extensions = setup_module
-    assert set(extensions) == {"isda._C", "isda._dropout"}
-    assert mod.OPTIONAL_EXTENSIONS == ("isda._dropout",)
+    optional = {"isda._dropout": "ops/dropout/"}
+    if sys.platform.startswith("linux"):
+        optional["isda._cpu_cache"] = "ops/cpu_allocator/"
+    assert set(extensions) == {"isda._C", *optional}
+    assert set(mod.OPTIONAL_EXTENSIONS) == {"isda._dropout", "isda._cpu_cache"}
     op_sources = [Path(s).as_posix() for s in extensions["isda._C"].sources]
-    assert op_sources and all("dropout" not in s for s in op_sources)
-    assert all(Path(s).as_posix().startswith("ops/dropout/")
-               for s in extensions["isda._dropout"].sources)
+    assert op_sources and all("dropout" not in s and "allocator" not in s for s in op_sources)
+    for name, folder in optional.items():
+        assert extensions[name].sources
+        assert all(Path(s).as_posix().startswith(folder) for s in extensions[name].sources)
 
 
 def test_failed_optional_build_is_skipped_but_op_failure_is_not(setup_module, monkeypatch,
@@ -45,7 +50,9 @@ def test_failed_optional_build_is_skipped_but_op_failure_is_not(setup_module, mo
 
     monkeypatch.setattr(BuildExtension, "build_extension", broken)
     cmd = mod.BuildExtensionWithOptional(Distribution({"name": "isda"}))
-    cmd.build_extension(extensions["isda._dropout"])
-    assert "optional extension isda._dropout did not build" in capsys.readouterr().out
+    for name in mod.OPTIONAL_EXTENSIONS:
+        if name in extensions:
+            cmd.build_extension(extensions[name])
+            assert f"optional extension {name} did not build" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="compiler error in isda._C"):
         cmd.build_extension(extensions["isda._C"])

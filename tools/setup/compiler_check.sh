@@ -57,7 +57,8 @@ check_one() {
   clones=$(sed -n 's/^isda: CPU kernel clones: \([^ ]*\).*$/\1/p' "$dir/build.log" | tail -n 1)
   so=$(find "$dir/lib" -name '_C*.so' | head -n 1)
   dso=$(find "$dir/lib" -name '_dropout*.so' | head -n 1)  # optional for users, checked here
-  if [ -z "$so" ] || [ -z "$dso" ] || [ -z "$clones" ]; then
+  cso=$(find "$dir/lib" -name '_cpu_cache*.so' | head -n 1)  # likewise (the CPU block cache)
+  if [ -z "$so" ] || [ -z "$dso" ] || [ -z "$cso" ] || [ -z "$clones" ]; then
     tail -n 20 "$dir/build.log"
     say "$label: FAILED: no built module or no clone-set line in $dir/build.log"; return 1
   fi
