@@ -15,7 +15,6 @@ line is one JSON object.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
