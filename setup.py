@@ -8,7 +8,10 @@
 CUDA sources are compiled when torch sees a GPU and CUDA_HOME is set, or when FORCE_CUDA=1.
 The C++ compiler is torch's choice, $CXX else ``c++``: ``CC=gcc-11 CXX=g++-11 pip install ...``
 (CC is also nvcc's host compiler). ISDA_CPU_CLONES=auto|none|x86-64-v|avx512f picks the CPU
-kernels' clone set (see probe_cpu_clones).
+kernels' clone set (see probe_cpu_clones). Builds carry no debug information (Python's default
+``-g`` more than doubles the compile time of torch's headers): ISDA_DEBUG_BUILD=1 keeps it.
+ISDA_BUILD_ONLY=isda._C (comma-separated names) builds only those extensions (the CUDA compile
+check needs only the op).
 """
 import glob
 import os
@@ -151,6 +154,8 @@ def get_extensions():
     cpp_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "**", "*.cu"), recursive=True))
     cxx_flags = ["-O3", "-fno-math-errno", "-DISDA_EXT_VERSION=1"]
+    if os.environ.get("ISDA_DEBUG_BUILD", "0") != "1" and sys.platform != "win32":
+        cxx_flags.append("-g0")  # after Python's -g in the command line: it wins
     link_flags = []
     # at::parallel_for is header-inlined: the extension itself must be compiled with OpenMP (with
     # GCC the runtime is the libgomp torch already loads; clang links LLVM's libomp). No -march
@@ -193,6 +198,13 @@ def get_extensions():
             "isda._cpu_cache", sorted(glob.glob(os.path.join(CPU_CACHE_SRC, "*.cpp"))),
             include_dirs=[os.path.join(HERE, CPU_CACHE_SRC)],
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))
+    only = [n.strip() for n in os.environ.get("ISDA_BUILD_ONLY", "").split(",") if n.strip()]
+    if only:
+        unknown = sorted(set(only) - {e.name for e in extensions})
+        if unknown:
+            sys.exit(f"ISDA_BUILD_ONLY names no extension {unknown}: "
+                     f"choose from {[e.name for e in extensions]}")
+        extensions = [e for e in extensions if e.name in only]
     return extensions
 
 
@@ -207,7 +219,7 @@ class BuildExtensionWithOptional(BuildExtension):
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001 - any compiler or linker failure
             print(f"isda: WARNING: the optional extension {ext.name} did not build ({e}); "
-                  "ISDA works without it (torch's dropout is used)", flush=True)
+                  "ISDA works without it (its Python side falls back to torch)", flush=True)
 
 
 if __name__ == "__main__":

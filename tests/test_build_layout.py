@@ -10,6 +10,10 @@ import pytest
 from setuptools import Distribution
 from torch.utils.cpp_extension import BuildExtension
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +60,32 @@ def test_failed_optional_build_is_skipped_but_op_failure_is_not(setup_module, mo
             assert f"optional extension {name} did not build" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="compiler error in isda._C"):
         cmd.build_extension(extensions["isda._C"])
+
+
+def _extensions(mod, monkeypatch, **env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(ROOT)
+    return {e.name: e for e in mod.get_extensions()}
+
+
+def test_builds_without_debug_information_unless_asked(setup_module, monkeypatch):
+    """Python's own -g comes first in the compile line; -g0 after it wins (torch's headers
+    compile in less than half the time without debug information)."""
+    if sys.platform == "win32":
+        pytest.skip("MSVC flags")
+    mod, _ = setup_module
+    monkeypatch.delenv("ISDA_DEBUG_BUILD", raising=False)
+    for ext in _extensions(mod, monkeypatch).values():
+        assert ext.extra_compile_args["cxx"][-1] != "-g" and "-g0" in ext.extra_compile_args["cxx"]
+    for ext in _extensions(mod, monkeypatch, ISDA_DEBUG_BUILD="1").values():
+        assert "-g0" not in ext.extra_compile_args["cxx"]
+
+
+def test_build_only_selects_extensions_and_names_unknown_ones(setup_module, monkeypatch):
+    mod, _ = setup_module
+    assert set(_extensions(mod, monkeypatch, ISDA_BUILD_ONLY="isda._C")) == {"isda._C"}
+    assert set(_extensions(mod, monkeypatch, ISDA_BUILD_ONLY=" isda._C, isda._dropout ")) == {
+        "isda._C", "isda._dropout"}
+    with pytest.raises(SystemExit, match="isda._nope"):
+        _extensions(mod, monkeypatch, ISDA_BUILD_ONLY="isda._C,isda._nope")

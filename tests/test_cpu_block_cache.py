@@ -12,6 +12,10 @@ import textwrap
 
 import pytest
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the block cache is built on Linux only")

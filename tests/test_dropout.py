@@ -9,6 +9,10 @@ import torch.nn.functional as F
 import isda.layers.dropout as D
 from isda import _dropout as _C  # the optional compiled dropout extension
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 M64 = (1 << 64) - 1
 
 

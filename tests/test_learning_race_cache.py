@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import learning_race as race  # noqa: E402
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 
 def _configs(tmp_path, base_lr="0.001"):
     (tmp_path / "Base.yaml").write_text(f"SOLVER:\n  BASE_LR: {base_lr}\n")

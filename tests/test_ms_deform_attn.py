@@ -17,6 +17,10 @@ from isda.layers.ms_deform_attn import (
     set_backend,
 )
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 
 def _levels(hw):
     shapes = torch.tensor(hw, dtype=torch.int64).view(-1, 2)

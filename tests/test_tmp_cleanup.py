@@ -13,6 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_SUITE = '''
 import pytest
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 @pytest.fixture(scope="module")
 def shared(module_tmp_path_factory):
     folder = module_tmp_path_factory.mktemp("shared")

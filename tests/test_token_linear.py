@@ -5,6 +5,10 @@ import torch.nn.functional as F
 
 import isda.layers.token_linear as TL
 
+# No Detectron2 code runs here (compiled extensions, their Python side, build and test
+# tooling): `make test-fallback` deselects it (README, "Detectron2 flavours").
+pytestmark = pytest.mark.flavour_independent
+
 
 @pytest.mark.parametrize("shape", [(2, 700, 48), (1500, 48)])
 def test_matches_float64_linear_forward_and_backward(shape):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile ISDA's op with its CUDA kernels (FORCE_CUDA=1) into a separate build folder, so a
+# Compile ISDA's op (isda._C alone) with its CUDA kernels (FORCE_CUDA=1) into a separate build folder, so a
 # CPU-only machine still proves the .cu sources build for the GPUs users have.
 # Twice when g++-11 is installed: with the default host compiler (build_cuda_check/), and with
 # CC=gcc-11 CXX=g++-11 (build_cuda_check/g++-11/: Ubuntu 22.04's compiler, which torch's
@@ -47,7 +47,7 @@ cuda_build() {
   mkdir -p "$out"   # kept between runs: ninja rebuilds only what changed
   local -a env_cc=()
   if [ -n "$cxx" ]; then env_cc=(CC="$cc" CXX="$cxx"); fi
-  if ! env ${env_cc[@]+"${env_cc[@]}"} MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext \
+  if ! env ${env_cc[@]+"${env_cc[@]}"} ISDA_BUILD_ONLY=isda._C MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext \
        --build-temp "$out/temp" --build-lib "$out/lib" > "$out/build.log" 2>&1; then
     tail -n 60 "$out/build.log"; say "$label: FAILED: CUDA compile (full log: $out/build.log)"; return 1
   fi
