@@ -25,7 +25,8 @@ def run_python(code, **env):
     """Runs ``code`` in a fresh interpreter (repository on the path); returns its last stdout
     line parsed as JSON."""
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("ISDA_CPU_ALLOCATOR", "ISDA_CPU_CACHE_MB", "ISDA_CPU_CACHE_MIN_KB"):
+    for key in ("ISDA_CPU_ALLOCATOR", "ISDA_CPU_CACHE_MB", "ISDA_CPU_CACHE_MIN_KB",
+                "ISDA_CPU_CACHE_HUGEPAGES"):
         full_env.pop(key, None)
     full_env.update({k: str(v) for k, v in env.items()})
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=ROOT,
@@ -152,9 +153,54 @@ def test_forked_child_allocates_through_the_cache():
     assert out["status"] == 0
 
 
+def _thp_mode():
+    """The kernel's transparent huge page mode ("always", "madvise", "never"), or None."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+# a 64 MB tensor through the cache; the kernel's own account of its mapping (/proc/self/smaps:
+# AnonHugePages) says whether it got transparent huge pages
+HUGE_PAGES = """
+    import json, torch
+    from isda.utils.cpu_allocator import apply_allocator_policy, block_cache_stats
+    assert apply_allocator_policy() == "cache"
+    x = torch.ones(16 << 20)
+    addr, anon_huge_kb, inside = x.data_ptr(), None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                anon_huge_kb = int(line.split()[1])
+    print(json.dumps({"huge_pages": block_cache_stats()["huge_pages"],
+                      "anon_huge_kb": anon_huge_kb, "sum": float(x.sum())}))
+"""
+
+
+@linux_only
+def test_huge_pages_advised_for_large_blocks_when_switched_on():
+    mode = _thp_mode()
+    on = run_python(HUGE_PAGES, ISDA_CPU_CACHE_HUGEPAGES=1)
+    off = run_python(HUGE_PAGES)  # the default
+    assert on["huge_pages"] is True and off["huge_pages"] is False
+    assert on["sum"] == off["sum"] == float(16 << 20)
+    if mode in ("always", "madvise"):
+        # huge pages are best effort (memory may be too fragmented for some): most, not all
+        assert on["anon_huge_kb"] >= 32 << 10, on
+    if mode == "madvise":  # only advised mappings get them
+        assert off["anon_huge_kb"] == 0, off
+
+
 def test_bad_settings_name_the_variable():
     for env, name in [({"ISDA_CPU_ALLOCATOR": "jemalloc"}, "ISDA_CPU_ALLOCATOR"),
-                      ({"ISDA_CPU_CACHE_MB": "lots"}, "ISDA_CPU_CACHE_MB")]:
+                      ({"ISDA_CPU_CACHE_MB": "lots"}, "ISDA_CPU_CACHE_MB"),
+                      ({"ISDA_CPU_CACHE_HUGEPAGES": "2"}, "ISDA_CPU_CACHE_HUGEPAGES")]:
         code = """
             import json
             from isda.utils.cpu_allocator import apply_allocator_policy
@@ -165,7 +211,7 @@ def test_bad_settings_name_the_variable():
                 print(json.dumps({"error": str(e)}))
         """
         out = run_python(code, **env)
-        if name == "ISDA_CPU_CACHE_MB" and not sys.platform.startswith("linux"):
+        if name.startswith("ISDA_CPU_CACHE_") and not sys.platform.startswith("linux"):
             continue  # the cache's settings are read only where it is built
         assert out["error"] and name in out["error"], out
 

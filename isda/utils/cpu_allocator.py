@@ -16,7 +16,9 @@ The ``"cache"`` policy (the default) installs ISDA's large-block cache as torch'
 ``ISDA_CPU_CACHE_MIN_KB`` (default 1024) are mapped on their own, rounded up to a size class
 (at most 12.5 % slack) and kept on free for the next tensor of the same class; idle blocks beyond
 ``ISDA_CPU_CACHE_MB`` (default :data:`DEFAULT_CACHE_MB`) go back to the system, least recently
-freed first. Smaller blocks stay with glibc. Where the extension was not built (or off Linux),
+freed first. Smaller blocks stay with glibc. ``ISDA_CPU_CACHE_HUGEPAGES=1`` advises transparent
+huge pages for newly mapped blocks of 2 MB and more (off by default: it speeds up mapping
+afresh, a limit of 0, by about a sixth but not the default limit; benchmarks/cpu_allocator.py). Where the extension was not built (or off Linux),
 ``"cache"`` falls back to ``"keep"``. Measured effect: ``docs/benchmarks.md``.
 
 ``ISDA_CPU_ALLOCATOR``: ``cache`` (default), ``keep`` or ``system`` (glibc untouched). The
@@ -76,7 +78,10 @@ def _install_block_cache() -> bool:
         return False
     min_kb = max(_env_int("ISDA_CPU_CACHE_MIN_KB", 1024), 4)
     limit_mb = _env_int("ISDA_CPU_CACHE_MB", DEFAULT_CACHE_MB)
-    return bool(module.install(min_kb << 10, limit_mb << 20))
+    huge = _env_int("ISDA_CPU_CACHE_HUGEPAGES", 0)
+    if huge > 1:
+        raise ValueError(f"ISDA_CPU_CACHE_HUGEPAGES must be 0 or 1, got {huge}")
+    return bool(module.install(min_kb << 10, limit_mb << 20, bool(huge)))
 
 
 def _keep_in_heap() -> bool:

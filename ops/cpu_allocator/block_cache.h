@@ -27,6 +27,7 @@ struct BlockCacheStats {
   int64_t released = 0;          // cached blocks returned to the system
   int64_t min_bytes = 0;
   int64_t cache_limit = 0;
+  bool huge_pages = false;       // new blocks >= 2 MB advised to use transparent huge pages
 };
 
 // Size class of a request of `n` bytes (n >= 4096): n rounded up to a multiple of an eighth of
@@ -34,8 +35,9 @@ struct BlockCacheStats {
 size_t block_class_size(size_t n);
 
 // Installs the caching allocator as torch's CPU allocator (once per process; later calls only
-// change the limits). Returns true when it is (already) installed.
-bool install_block_cache(int64_t min_bytes, int64_t cache_limit);
+// change the settings, for blocks mapped from then on). Returns true when it is (already)
+// installed.
+bool install_block_cache(int64_t min_bytes, int64_t cache_limit, bool huge_pages);
 bool block_cache_installed();
 BlockCacheStats block_cache_stats();
 // Returns every idle cached block to the system; returns the bytes released.
