@@ -251,7 +251,12 @@ def main(argv=None):
     train_repeats = args.train_repeats or (2 if args.quick else 6)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
     models = {m: build(m, isda_opts=args.isda_opts) for m in MODELS}
+    from isda.layers.mixed_precision import cpu_bf16_is_fast
+
+    # bf16 is only fast where oneDNN has bf16 kernels (x86: AVX-512 / AMX): say which CPU ran
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "cpu_bf16_fast": cpu_bf16_is_fast(),
               "allocator": applied, "isda_opts": args.isda_opts, "infer_repeats": repeats,
               "train_repeats": train_repeats, "memory_repeats": memory_repeats,
               "spreads": "min-max over the repeats"}
