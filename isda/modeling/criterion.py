@@ -194,20 +194,31 @@ def matched_kernel_masks(kernels, mask_features, all_indices):
 
     kernels: [layers, N, Q, D]; mask_features: [N, D, H, W]; all_indices: per layer, the
     matcher's per-image (query indices, target indices) -> per layer [M_l, H * W] float, rows in
-    image order then match order. One product per image for all layers together (one backward
-    pass through the [D, H * W] features instead of one per layer).
+    image order then match order. One batched product for all layers and images: each image's
+    matched kernels of all layers, zero-padded to the largest count, times its [D, H * W]
+    features; the rows are then picked with one index. The backward pass thus writes the
+    features' gradient once ([N, D, H * W]), where a product per image (``feats[i]``) made each
+    image's select allocate a zero-filled gradient of the whole batch's features.
 
-    An image without matches still goes through the product (an empty [0, H * W] result): the
-    losses then stay connected to the kernels and the mask features, whose parameters receive
-    zero gradients. Under DistributedDataParallel every rank must produce a gradient for every
-    parameter, also a rank whose images have no instance."""
+    An image without matches still goes through the product (zero rows): the losses then stay
+    connected to the kernels and the mask features, whose parameters receive zero gradients.
+    Under DistributedDataParallel every rank must produce a gradient for every parameter, also a
+    rank whose images have no instance."""
     n, d = mask_features.shape[:2]
     feats = mask_features.reshape(n, d, -1)
     device = kernels.device
-    per_layer = [[] for _ in all_indices]
+    rows, sizes = [], []  # per image: [M_i, D] (layers in order), per layer counts
     for i in range(n):
-        rows = [kernels[l, i, ind[i][0].to(device)] for l, ind in enumerate(all_indices)]
-        sizes = [r.shape[0] for r in rows]
-        for l, part in enumerate((torch.cat(rows) @ feats[i]).split(sizes)):
-            per_layer[l].append(part)
-    return [torch.cat(parts).float() for parts in per_layer]
+        parts = [kernels[l, i, ind[i][0].to(device)] for l, ind in enumerate(all_indices)]
+        sizes.append([p.shape[0] for p in parts])
+        rows.append(torch.cat(parts))
+    m_max = max(r.shape[0] for r in rows)
+    padded = torch.stack([F.pad(r, (0, 0, 0, m_max - r.shape[0])) for r in rows])
+    prod = torch.bmm(padded, feats).reshape(n * m_max, feats.shape[-1])  # [N * M_max, H * W]
+    # row order of the result: layer, then image, then match
+    starts = [[i * m_max + sum(sz[:l]) for l in range(len(sz))] for i, sz in enumerate(sizes)]
+    pick = [r for l in range(len(all_indices)) for i in range(n)
+            for r in range(starts[i][l], starts[i][l] + sizes[i][l])]
+    picked = prod[torch.as_tensor(pick, dtype=torch.long, device=prod.device)]
+    per_layer = [sum(sz[l] for sz in sizes) for l in range(len(all_indices))]
+    return [part.float() for part in picked.split(per_layer)]
