@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compile ISDA's op (isda._C alone) with its CUDA kernels (FORCE_CUDA=1) into a separate build folder, so a
-# CPU-only machine still proves the .cu sources build for the GPUs users have.
+# Compile ISDA's op (isda._C alone) with its CUDA kernels (FORCE_CUDA=1) into a separate build
+# folder, so a CPU-only machine still proves the .cu sources build for the GPUs users have.
 # Twice when g++-11 is installed: with the default host compiler (build_cuda_check/), and with
 # CC=gcc-11 CXX=g++-11 (build_cuda_check/g++-11/: Ubuntu 22.04's compiler, which torch's
 # BuildExtension then also passes to nvcc as -ccbin). ISDA_CUDA_HOST_COMPILERS="default g++-11"
