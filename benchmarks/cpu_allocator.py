@@ -101,9 +101,10 @@ def memory_policies(model_name, policies, h, w, threads, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("isda", "maskrcnn"), default="isda")
+    p.add_argument("--model", choices=("isda", "maskrcnn"), default="isda",
+                   help="which model trains (default: isda, ISDA-R50)")
     p.add_argument("--size", default=None, help="HxW (default 800x1216, --quick 512x768)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--limits", type=int, nargs="+", default=[0, 256, 512],
                    help="cache limits in MB to compare with keep (default: 0 256 512)")
     p.add_argument("--huge-pages", choices=("on", "off", "both"), default="both",
@@ -112,7 +113,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 4, --quick 2)")
     p.add_argument("--memory-repeats", type=int, default=None,
                    help="fresh processes per policy (default 2, --quick 1; 0: no memory)")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run: 512x768, 2 rounds, 1 memory process per policy")
     args = p.parse_args(argv)
     if any(limit < 0 for limit in args.limits):
         p.error("--limits must be >= 0 MB")
