@@ -49,7 +49,7 @@ def switch_policy(module, name, min_bytes):
     module.release()
 
 
-def time_policies(model_name, policies, h, w, rounds, warmup, min_bytes):
+def time_policies(model_name, policies, h, w, rounds, warmup):
     """-> {policy: [seconds per timed round]}; one process, policies alternating per step."""
     from isda import _cpu_cache
     from isda.utils.cpu_allocator import apply_allocator_policy
@@ -58,6 +58,7 @@ def time_policies(model_name, policies, h, w, rounds, warmup, min_bytes):
     os.environ["ISDA_CPU_ALLOCATOR"] = "cache"
     if apply_allocator_policy() != "cache":
         raise SystemExit("the block cache (isda._cpu_cache) is not available: build ISDA first")
+    min_bytes = _cpu_cache.stats()["min_bytes"]  # as installed from ISDA_CPU_CACHE_MIN_KB
     # glibc's side runs with mmap off, as under "keep" (blocks >= min_bytes never reach it
     # under the cache policies)
     from isda.utils import cpu_allocator
@@ -125,13 +126,12 @@ def main(argv=None):
     rounds = args.rounds or (2 if args.quick else 4)
     mem_repeats = args.memory_repeats if args.memory_repeats is not None else (1 if args.quick else 2)
     set_threads(args.threads)
-    min_bytes = max(int(os.environ.get("ISDA_CPU_CACHE_MIN_KB", "1024") or 1024), 4) << 10
     thp = {"on": ["+thp"], "off": [""], "both": ["", "+thp"]}[args.huge_pages]
     policies = [KEEP] + [f"cache@{limit}{t}" for limit in args.limits for t in thp]
     print(f"{args.model} training steps at {h}x{w}, {args.threads} threads: {', '.join(policies)}",
           flush=True)
     t_start = time.perf_counter()
-    times = time_policies(args.model, policies, h, w, rounds, 1, min_bytes)
+    times = time_policies(args.model, policies, h, w, rounds, 1)
     peaks = memory_policies(args.model, policies, h, w, args.threads, mem_repeats) if mem_repeats else {}
 
     report = {"model": args.model, "size": [h, w], "threads": args.threads, "rounds": rounds,

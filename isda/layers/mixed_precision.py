@@ -13,6 +13,7 @@ bf16 is only fast where oneDNN has bf16 kernels for the CPU (x86: AVX-512 or AMX
 ``benchmarks/isda_vs_maskrcnn.py``: the first bf16 forward on such a CPU logs a warning.
 """
 import contextlib
+import functools
 import logging
 
 import torch
@@ -23,6 +24,7 @@ _logger = logging.getLogger(__name__)
 _warned_slow_cpu = False
 
 
+@functools.lru_cache(maxsize=None)  # asked on every bf16 forward: the CPU does not change
 def cpu_bf16_is_fast() -> bool:
     """Whether oneDNN has fast bf16 kernels on this CPU (its own check; True when unknown)."""
     try:

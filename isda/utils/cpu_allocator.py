@@ -18,8 +18,8 @@ The ``"cache"`` policy (the default) installs ISDA's large-block cache as torch'
 ``ISDA_CPU_CACHE_MB`` (default :data:`DEFAULT_CACHE_MB`) go back to the system, least recently
 freed first. Smaller blocks stay with glibc. ``ISDA_CPU_CACHE_HUGEPAGES=1`` advises transparent
 huge pages for newly mapped blocks of 2 MB and more (off by default: it speeds up mapping
-afresh, a limit of 0, by about a sixth but not the default limit; benchmarks/cpu_allocator.py). Where the extension was not built (or off Linux),
-``"cache"`` falls back to ``"keep"``. Measured effect: ``docs/benchmarks.md``.
+afresh, a limit of 0, by about a sixth but not the default limit; benchmarks/cpu_allocator.py).
+Where the extension was not built (or off Linux), ``"cache"`` falls back to ``"keep"``. Measured effect: ``docs/benchmarks.md``.
 
 ``ISDA_CPU_ALLOCATOR``: ``cache`` (default), ``keep`` or ``system`` (glibc untouched). The
 policy is process-wide and applied once (tensors allocated before keep their allocator). With
