@@ -92,6 +92,48 @@ def test_cache_reuses_blocks_keeps_values_and_respects_its_limit():
     assert stats["s3"]["cached_bytes"] == 0
 
 
+@linux_only
+def test_requests_of_other_classes_take_the_pages_of_idle_blocks():
+    """A miss while blocks of other classes sit idle: smaller idle blocks are moved into the new
+    block (their pages, not fresh ones: the process does not grow by them) and a larger idle
+    block is cut to the request (its tail goes back to the system); values are the writer's."""
+    out = run_python("""
+        import json, torch
+        from isda.utils.cpu_allocator import apply_allocator_policy, block_cache_stats
+
+        def rss_mb():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+        assert apply_allocator_policy() == "cache"
+        mb = 1 << 20
+        blocks = [torch.full((4 * mb,), 1, dtype=torch.uint8) for _ in range(4)]
+        del blocks                                               # 4 x 4 MB idle, faulted in
+        s1, r1 = block_cache_stats(), rss_mb()
+        big = torch.full((15 * mb,), 2, dtype=torch.uint8)      # class 15 MB: no idle match
+        s2, r2 = block_cache_stats(), rss_mb()
+        big_values = [int(v) for v in torch.aminmax(big)]        # scalars: no large temporary
+        del big                                                  # idle: 15 MB + 4 MB
+        cut = torch.full((5 * mb,), 3, dtype=torch.uint8)       # class 5 MB: 15 MB cut to it
+        s3, r3 = block_cache_stats(), rss_mb()
+        cut_values = [int(v) for v in torch.aminmax(cut)]
+        print(json.dumps(dict(s1=s1, s2=s2, s3=s3, r1=r1, r2=r2, r3=r3, big_values=big_values,
+                              cut_values=cut_values)))
+    """, ISDA_CPU_CACHE_MB=64)
+    mb = 1 << 20
+    s1, s2, s3 = out["s1"], out["s2"], out["s3"]
+    assert s1["cached_bytes"] == 16 * mb
+    # three idle 4 MB blocks moved in (12 <= 15 MB), the fourth does not fit the 3 MB left
+    assert s2["repurposed"] - s1["repurposed"] == 1, out
+    assert s2["cached_bytes"] == 4 * mb
+    assert out["r2"] - out["r1"] < 3 + 1.5, out      # only the 3 MB not covered are new pages
+    assert out["big_values"] == [2, 2]
+    assert s3["repurposed"] - s2["repurposed"] == 1, out
+    assert s3["cached_bytes"] == 4 * mb              # the 15 MB block was cut, the 4 MB one kept
+    assert out["r3"] < out["r2"] - 7, out             # its 10 MB tail left the process
+    assert out["cut_values"] == [3, 3]
+
+
 # the classic fragmenting pattern: 40 blocks of 4 MB, every other one freed (holes between live
 # blocks), then 20 blocks of 6 MB that fit no hole. glibc's heap (the former "keep" default)
 # keeps the 80 MB of holes resident; the cache unmaps what it holds beyond its limit

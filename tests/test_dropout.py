@@ -43,6 +43,21 @@ def test_mask_and_output_match_the_documented_stream(relu, n):
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 40001])
+def test_mask_alone_matches_the_documented_stream(relu, n):
+    """``dropout_mask``: what the feed-forward block's backward pass rebuilds from the seed
+    without writing the [rows, d_ffn] output (odd task boundaries included at 40001)."""
+    p, seed = 0.1, -5
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    mask = _C.dropout_mask(x, p, seed, relu)
+    keep = splitmix64_words(seed % (1 << 64), n) >= round(p * 2 ** 32)
+    if relu:
+        keep &= x.numpy() > 0
+    assert mask.dtype == torch.uint8 and mask.shape == x.shape
+    assert np.array_equal(mask.numpy().astype(bool), keep)
+
+
 def test_negative_seed_and_odd_task_boundaries_use_the_same_stream():
     # 2 threads split 40001 elements at an odd index: the result must not depend on the split
     x = torch.randn(40001)

@@ -127,3 +127,64 @@ def test_layer_norm_keeping_output_keeps_no_input():
     ptrs = {t.untyped_storage().data_ptr() for t in saved}
     assert z.untyped_storage().data_ptr() not in ptrs
     assert y.untyped_storage().data_ptr() in ptrs
+
+
+# --------------------------------------------------------------------------------------------
+# the value projection: recomputed in the backward pass, the attention's input kept instead
+# --------------------------------------------------------------------------------------------
+def _run_masked(attn, src, pos, ref, mask):
+    src = src.clone().requires_grad_(True)
+    shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+    attn.zero_grad(set_to_none=True)
+    out = attn(src, ref, src, shapes, starts, mask, query_pos=pos)
+    g = torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype) - 0.5
+    (out * g).sum().backward()
+    return [out.detach(), src.grad] + [p.grad.clone() for p in attn.parameters()]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_recomputed_value_projection_matches_float64_reference(fast, masked):
+    """The compiled op with the value projection recomputed in the backward pass against the
+    grid_sample reference on the plain projection, in float64 (the reference backend does not
+    take the recomputing path)."""
+    from isda.layers import ms_deform_attn as msda
+
+    attn = _module(fast)
+    src, pos, ref = _inputs()
+    mask = None
+    if masked:
+        mask = torch.zeros(src.shape[:2], dtype=torch.bool)
+        mask[1, -10:] = True  # the second image's last positions are padding
+    assert attn._recomputes_value(src)
+    got = _run_masked(attn, src, pos, ref, mask)
+    ref64 = copy.deepcopy(_module(False)).double()
+    backend = msda.get_backend()
+    msda.set_backend("reference")
+    try:
+        assert not ref64._recomputes_value(src.double())
+        want = _run_masked(ref64, src.double(), pos.double(), ref.double(), mask)
+    finally:
+        msda.set_backend(backend)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_value_projection_is_not_kept():
+    attn = _module(False)
+    src, pos, ref = _inputs()
+    src.requires_grad_(True)
+    z = src * 1.0  # the attention's input, made inside the graph as the encoder's layer input
+    shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attn(z, ref, z, shapes, starts, None, query_pos=pos)
+    value_sized = [t for t in saved if t.numel() == z.numel()
+                   and t.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()]
+    # others of the value's size (C = 32, M = 4, L = 2, P = 2): the sampling locations
+    # [N, Lq, M, L, P, 2], the attention output kept by the output projection; the op keeps the
+    # value as [N, S, M, D]
+    assert not [t for t in value_sized if t.shape[-2:] == (HEADS, C // HEADS)]

@@ -134,6 +134,69 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights)
 
 
+class _ProjectedValueAttention(Function):
+    """``ms_deform_attn(value_proj(input) masked, ...)`` through the compiled op, keeping
+    ``input`` for the backward pass instead of the projected ``value``: the input is kept
+    anyway (the encoder's layer input, which its query projections keep; the decoder's
+    ``memory``, one tensor for all layers), so the [N, S, C] value is no longer kept per layer.
+    The backward pass recomputes the projection (one product) before the op's backward; the
+    gradients of the projection are the Linear layer's. The Linear module's own forward
+    (nn.Linear or TokenLinear) computes the product."""
+
+    @staticmethod
+    def forward(ctx, input_flatten, weight, bias, padding_mask, spatial_shapes, level_start_index,
+                sampling_locations, attention_weights, value_proj, n_heads):
+        ext = load_extension()
+        value = _project_value(value_proj, input_flatten, padding_mask, n_heads)
+        validate_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                        attention_weights)
+        out_dtype, compute = promoted_dtypes(value, sampling_locations, attention_weights)
+        ctx.in_dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
+        loc_c = sampling_locations.to(compute).contiguous()
+        attn_c = attention_weights.to(compute).contiguous()
+        shapes = spatial_shapes.to(torch.int64).contiguous()
+        starts = level_start_index.to(torch.int64).contiguous()
+        out = ext.ms_deform_attn_forward(value.to(compute).contiguous(), shapes, starts, loc_c,
+                                         attn_c)
+        ctx.value_proj, ctx.n_heads, ctx.has_bias = value_proj, n_heads, bias is not None
+        ctx.save_for_backward(input_flatten, weight, padding_mask, shapes, starts, loc_c, attn_c)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        ext = load_extension()
+        input_flatten, weight, padding_mask, shapes, starts, loc_c, attn_c = ctx.saved_tensors
+        value = _project_value(ctx.value_proj, input_flatten, padding_mask, ctx.n_heads)
+        value_c = value.to(loc_c.dtype).contiguous()
+        del value
+        grad_output = grad_output.to(value_c.dtype).contiguous()
+        grad_value, grad_loc, grad_attn = ext.ms_deform_attn_backward(
+            value_c, shapes, starts, loc_c, attn_c, grad_output)
+        del value_c
+        dv, dl, da = ctx.in_dtypes
+        n, s, c = input_flatten.shape
+        g = grad_value.to(dv).reshape(n, s, c)
+        if padding_mask is not None:
+            g = g.masked_fill(padding_mask[..., None], 0.0)
+        g = g.reshape(-1, c)
+        rows = input_flatten.reshape(-1, input_flatten.shape[-1])
+        grad_input = g.mm(weight.to(g.dtype)).reshape(input_flatten.shape)
+        grad_weight = g.t().mm(rows.to(g.dtype)).to(weight.dtype)
+        grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return (grad_input, grad_weight, grad_bias, None, None, None, grad_loc.to(dl),
+                grad_attn.to(da), None, None)
+
+
+def _project_value(value_proj, input_flatten, padding_mask, n_heads):
+    """value_proj(input) [N, S, C], zeroed at padding -> [N, S, M, C / M]."""
+    value = value_proj(input_flatten)
+    if padding_mask is not None:
+        value = value.masked_fill(padding_mask[..., None], 0.0)
+    n, s, c = value.shape
+    return value.view(n, s, n_heads, c // n_heads)
+
+
 class _QueryProjections(Function):
     """``(sampling_offsets(q), attention_weights(q))`` for ``q = query + query_pos`` that keeps
     ``query`` and ``query_pos`` for the backward pass instead of ``q``: both are kept anyway (the
@@ -227,10 +290,6 @@ class MSDeformAttn(nn.Module):
         N, Lq, _ = query.shape
         _, S, _ = input_flatten.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(N, S, M, self.d_model // M)
         offsets, weights = self._query_projections(query, query_pos)
         offsets = offsets.view(N, Lq, M, L, P, 2)
         weights = F.softmax(weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
@@ -249,9 +308,24 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError("reference_points must be [N, Lq, L, 2] or [N, Lq, L, 4], got shape "
                              f"{tuple(reference_points.shape)}")
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations,
-                                weights)
+        if self._recomputes_value(input_flatten):
+            output = _ProjectedValueAttention.apply(
+                input_flatten, self.value_proj.weight, self.value_proj.bias, input_padding_mask,
+                input_spatial_shapes, input_level_start_index, locations, weights,
+                self.value_proj, M)
+        else:
+            value = _project_value(self.value_proj, input_flatten, input_padding_mask, M)
+            output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
+                                    locations, weights)
         return self.output_proj(output)
+
+    def _recomputes_value(self, input_flatten):
+        """Whether training keeps the attention's input instead of its value projection
+        (:class:`_ProjectedValueAttention`): with gradient, through the compiled op, without
+        autocast, and when the projection is trained."""
+        return (torch.is_grad_enabled() and self.value_proj.weight.requires_grad
+                and use_compiled(input_flatten.device)
+                and not torch.is_autocast_enabled(input_flatten.device.type))
 
     def _query_projections(self, query, query_pos):
         """-> (sampling offsets [N, Lq, M*L*P*2], attention logits [N, Lq, M*L*P]) of

@@ -53,6 +53,18 @@ def _relu_dropout_with_mask(h, p, seed=None):
     return h * mask * (1.0 / (1.0 - p)), mask, None
 
 
+def _relu_dropout_mask(h, p, seed):
+    """The mask of :func:`_relu_dropout_with_mask` with the compiled kernel's ``seed``, computed
+    without the [rows, d_ffn] output (the backward pass's transient peak would hold it beside
+    the recomputed hidden state)."""
+    from ..layers.dropout import _extension
+
+    ext = _extension()
+    if hasattr(ext, "dropout_mask"):
+        return ext.dropout_mask(h.contiguous(), p, seed, True)
+    return ext.dropout_forward(h.contiguous(), p, seed, True)[1]  # an extension built earlier
+
+
 class _ReluFeedForward(Function):
     """``linear2(dropout(relu(linear1(x))))`` that keeps only ``x`` for the backward pass (not
     the [rows, d_ffn] hidden state, its dropped-out copy or, with the compiled dropout, the
@@ -86,7 +98,7 @@ class _ReluFeedForward(Function):
             h = ctx.linear1(x)  # recomputed: the same product as in the forward pass
         h = h.reshape(-1, h.shape[-1])
         if ctx.seed is not None:  # the compiled kernel's mask, regenerated from its seed
-            mask = _relu_dropout_with_mask(h, ctx.p, ctx.seed)[1]
+            mask = _relu_dropout_mask(h, ctx.p, ctx.seed)
         if mask is not None:  # kept and positive
             keep, scale = mask.reshape(h.shape), 1.0 / (1.0 - ctx.p)
             a = h.mul_(keep).mul_(scale)  # = dropout(relu(h)), in place

@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["hits"] = s.hits;
     d["misses"] = s.misses;
     d["released"] = s.released;
+    d["repurposed"] = s.repurposed;
     d["min_bytes"] = s.min_bytes;
     d["cache_limit"] = s.cache_limit;
     d["huge_pages"] = s.huge_pages;

@@ -71,6 +71,7 @@ class BlockCache final : public c10::Allocator {
     s.hits = hits_;
     s.misses = misses_;
     s.released = released_;
+    s.repurposed = repurposed_;
     s.min_bytes = min_bytes_;
     s.cache_limit = cache_limit_;
     s.huge_pages = huge_pages_;
@@ -117,6 +118,14 @@ class BlockCache final : public c10::Allocator {
       }
       ++misses_;
       huge = huge_pages_;
+      if (!cache_.empty()) {
+        void* q = repurpose_locked(size, huge);
+        if (q != nullptr) {
+          note_in_use_locked(q, size);
+          ++repurposed_;
+          return q;
+        }
+      }
     }
     void* p = map_block(size, huge);
     if (p == nullptr) {  // out of address space or memory: give the cache back and try again
@@ -127,6 +136,56 @@ class BlockCache final : public c10::Allocator {
     std::lock_guard<std::mutex> g(mu_);
     note_in_use_locked(p, size);
     return p;
+  }
+
+  // A miss while blocks of other classes sit idle: their resident pages serve the request
+  // instead of fresh ones, so the process grows only once the cache is empty (and page faults
+  // are saved). The smallest idle block larger than `size` is cut to it (its tail unmapped);
+  // if every idle block is smaller, idle blocks (largest first, while they fit) are moved
+  // into one new range of `size` bytes (mremap: the kernel moves their pages, nothing is
+  // copied), the rest of the range is faulted in on first touch. nullptr when nothing moved.
+  void* repurpose_locked(size_t size, bool huge) {
+    int best = -1;
+    for (size_t i = 0; i < cache_.size(); ++i) {
+      if (cache_[i].size > size && (best < 0 || cache_[i].size < cache_[best].size)) {
+        best = static_cast<int>(i);
+      }
+    }
+    if (best >= 0) {
+      const CachedBlock b = cache_[best];
+      drop_cached_locked(best);
+      munmap(static_cast<char*>(b.ptr) + size, b.size - size);  // class sizes are whole pages
+      return b.ptr;
+    }
+    void* q = map_block(size, huge);
+    if (q == nullptr) return nullptr;
+    size_t filled = 0;
+    while (true) {
+      int pick = -1;
+      for (size_t i = 0; i < cache_.size(); ++i) {
+        if (cache_[i].size <= size - filled &&
+            (pick < 0 || cache_[i].size > cache_[pick].size)) {
+          pick = static_cast<int>(i);
+        }
+      }
+      if (pick < 0) break;
+      const CachedBlock b = cache_[pick];
+      void* at = static_cast<char*>(q) + filled;
+      if (mremap(b.ptr, b.size, b.size, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) break;
+      drop_cached_locked(pick);
+      filled += b.size;
+    }
+    if (filled == 0) {
+      munmap(q, size);
+      return nullptr;
+    }
+    return q;
+  }
+
+  void drop_cached_locked(int i) {
+    cached_ -= cache_[i].size;
+    cache_[i] = cache_.back();
+    cache_.pop_back();
   }
 
   // A fresh anonymous mapping. With `huge`, blocks of at least one huge page are advised to use
@@ -193,7 +252,7 @@ class BlockCache final : public c10::Allocator {
   std::unordered_map<void*, size_t> live_;
   size_t in_use_ = 0, cached_ = 0, peak_in_use_ = 0;
   uint64_t clock_ = 0;
-  int64_t hits_ = 0, misses_ = 0, released_ = 0;
+  int64_t hits_ = 0, misses_ = 0, released_ = 0, repurposed_ = 0;
 };
 
 // Never destroyed: tensors may be freed during interpreter shutdown.

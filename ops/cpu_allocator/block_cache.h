@@ -6,8 +6,10 @@
 // tensor bytes. mmap per block costs page faults and zeroing in every iteration (+35 % step
 // time). This allocator keeps the two apart: blocks of at least `min_bytes` are mapped on their
 // own, rounded up to a size class (eighths of a power of two: at most 12.5 % slack), and kept
-// on free for the next request of that class or of a class up to 25 % smaller; blocks idle in
-// the cache beyond `cache_limit` bytes go back to the system, least recently freed first.
+// on free for the next request of that class or of a class up to 25 % smaller; a request of
+// another class takes the pages of idle blocks (one larger block cut to size, or smaller ones
+// moved together), so the process grows only when nothing idle is left; blocks idle in the
+// cache beyond `cache_limit` bytes go back to the system, least recently freed first.
 // Smaller blocks go to the allocator that was installed before (torch's default).
 #pragma once
 
@@ -25,6 +27,7 @@ struct BlockCacheStats {
   int64_t hits = 0;              // large requests served from the cache
   int64_t misses = 0;            // large requests that mapped a new block
   int64_t released = 0;          // cached blocks returned to the system
+  int64_t repurposed = 0;        // misses served (in part) by idle blocks of other classes
   int64_t min_bytes = 0;
   int64_t cache_limit = 0;
   bool huge_pages = false;       // new blocks >= 2 MB advised to use transparent huge pages

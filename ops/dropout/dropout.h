@@ -41,6 +41,9 @@ inline uint64_t dropout_pair_bits(uint64_t seed, int64_t pair) {
 std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed,
                                             bool relu);
 
+// The mask of dropout_forward_cpu alone (no output).
+at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, int64_t seed, bool relu);
+
 // grad_input = grad_output * mask * scale.
 at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& mask,
                                 double scale);

@@ -50,6 +50,27 @@ ISDA_TARGET_CLONES void dropout_block(const scalar_t* __restrict__ x, scalar_t* 
   }
 }
 
+// The mask of dropout_block alone (no output written): for a backward pass that rebuilds the
+// mask of a forward pass from its seed.
+template <typename scalar_t, typename acc_t>
+ISDA_TARGET_CLONES void mask_block(const scalar_t* __restrict__ x, uint8_t* __restrict__ mask,
+                                   int64_t len, int64_t b0, uint64_t seed, uint32_t threshold,
+                                   bool relu) {
+  uint32_t words[kBlock + 2];
+  const int64_t first_pair = b0 >> 1;
+  const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
+  for (int64_t k = 0; k < pairs; ++k) {
+    const uint64_t h = detail::dropout_pair_bits(seed, first_pair + k);
+    words[2 * k] = static_cast<uint32_t>(h);
+    words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
+  }
+  const uint32_t* w = words + (b0 & 1);
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    mask[j] = static_cast<uint8_t>((w[j] >= threshold) & (!relu | (v > acc_t(0))));
+  }
+}
+
 // out = grad * mask * scale (NaN/inf in grad propagate, as with torch's dropout backward).
 template <typename scalar_t, typename acc_t>
 ISDA_TARGET_CLONES void masked_scale(const scalar_t* __restrict__ grad,
@@ -86,6 +107,28 @@ std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, i
     });
   });
   return {out, mask};
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, int64_t seed, bool relu) {
+  TORCH_CHECK(input.device().is_cpu(), "isda dropout: input must be a CPU tensor");
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "isda dropout: p must be in [0, 1), got ", p);
+  const at::Tensor x = input.contiguous();
+  at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const int64_t n = x.numel();
+  const uint32_t threshold = keep_threshold(p);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "isda_dropout_mask", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    uint8_t* mp = mask.data_ptr<uint8_t>();
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+        mask_block<scalar_t, acc_t>(xp + b0, mp + b0, std::min<int64_t>(kBlock, end - b0), b0,
+                                    useed, threshold, relu);
+      }
+    });
+  });
+  return mask;
 }
 
 at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& mask,
