@@ -188,3 +188,46 @@ def test_value_projection_is_not_kept():
     # [N, Lq, M, L, P, 2], the attention output kept by the output projection; the op keeps the
     # value as [N, S, M, D]
     assert not [t for t in value_sized if t.shape[-2:] == (HEADS, C // HEADS)]
+
+
+def test_sampling_locations_are_not_kept_by_the_encoder_form():
+    attn = _module(False)
+    src, pos, ref = _inputs()
+    src.requires_grad_(True)
+    shapes = torch.tensor(SHAPES, dtype=torch.int64)
+    starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        attn(src * 1.0, ref, src * 1.0, shapes, starts, None, query_pos=pos)
+    assert saved and not [t for t in saved if t.dim() == 6]  # [N, Lq, M, L, P, 2] locations
+
+
+def test_decoder_form_with_reference_gradient_matches_float64_reference():
+    """Reference points with gradient (the decoder's) take the value-only recomputation; the
+    gradients of queries, positions, reference points and parameters against float64."""
+    from isda.layers import ms_deform_attn as msda
+
+    def run(attn, src, pos, ref):
+        src, pos, ref = (t.clone().requires_grad_(True) for t in (src, pos, ref))
+        q = src[:, :7]  # 7 queries over all positions, as the decoder's queries
+        shapes = torch.tensor(SHAPES, dtype=torch.int64)
+        starts = torch.tensor([0, SHAPES[0][0] * SHAPES[0][1]], dtype=torch.int64)
+        attn.zero_grad(set_to_none=True)
+        out = attn(q, ref[:, :7], src, shapes, starts, None, query_pos=pos[:, :7])
+        g = torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype) - 0.5
+        (out * g).sum().backward()
+        return [out.detach(), src.grad, pos.grad, ref.grad] + [p.grad for p in attn.parameters()]
+
+    attn = _module(False)
+    src, pos, ref = _inputs()
+    assert attn._recomputes_value(src)
+    got = run(attn, src, pos, ref)
+    backend = msda.get_backend()
+    msda.set_backend("reference")
+    try:
+        want = run(copy.deepcopy(_module(False)).double(), src.double(), pos.double(),
+                   ref.double())
+    finally:
+        msda.set_backend(backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)

@@ -188,6 +188,113 @@ class _ProjectedValueAttention(Function):
                 grad_attn.to(da), None, None)
 
 
+class _SampledAttention(Function):
+    """The encoder's attention core without its two largest kept tensors: the sampling
+    locations (``ref + sampling_offsets(query + query_pos) * inv_size``) and the value
+    projection are recomputed in the backward pass from ``query``, ``query_pos`` and
+    ``input_flatten``, which are kept anyway (the layer input and the positional embedding of
+    all layers). Costs two [S, C] x [C, C] products per layer in the backward pass; saves the
+    [N, Lq, M, L, P, 2] locations and the [N, S, C] value (about 40 MB per encoder layer of
+    ISDA-R50 at 800x1216). Reference points without gradient, [N, Lq, L, 2] form only.
+
+    ref_rows: [N * Lq, 1, L * P * 2] (an expanded view); inv_size: [1, 1, L * P * 2]."""
+
+    @staticmethod
+    def forward(ctx, query, query_pos, w_off, b_off, ref_rows, inv_size, input_flatten, w_v, b_v,
+                padding_mask, spatial_shapes, level_start_index, attention_weights, linear_off,
+                value_proj, n_heads):
+        ext = load_extension()
+        value = _project_value(value_proj, input_flatten, padding_mask, n_heads)
+        locations = _locations(linear_off, query, query_pos, ref_rows, inv_size,
+                               attention_weights.shape)
+        validate_inputs(value, spatial_shapes, level_start_index, locations, attention_weights)
+        out_dtype, compute = promoted_dtypes(value, locations, attention_weights)
+        ctx.in_dtypes = (value.dtype, locations.dtype, attention_weights.dtype)
+        attn_c = attention_weights.to(compute).contiguous()
+        shapes = spatial_shapes.to(torch.int64).contiguous()
+        starts = level_start_index.to(torch.int64).contiguous()
+        out = ext.ms_deform_attn_forward(value.to(compute).contiguous(), shapes, starts,
+                                         locations.to(compute).contiguous(), attn_c)
+        ctx.modules, ctx.n_heads = (linear_off, value_proj), n_heads
+        ctx.has_bias = (b_off is not None, b_v is not None)
+        ctx.save_for_backward(query, query_pos, w_off, ref_rows, inv_size, input_flatten, w_v,
+                              padding_mask, shapes, starts, attn_c)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        ext = load_extension()
+        (query, query_pos, w_off, ref_rows, inv_size, input_flatten, w_v, padding_mask, shapes,
+         starts, attn_c) = ctx.saved_tensors
+        linear_off, value_proj = ctx.modules
+        compute = attn_c.dtype
+        locations = _locations(linear_off, query, query_pos, ref_rows, inv_size, attn_c.shape)
+        loc_c = locations.to(compute).contiguous()
+        del locations
+        value_c = _project_value(value_proj, input_flatten, padding_mask, ctx.n_heads)
+        value_c = value_c.to(compute).contiguous()
+        grad_value, grad_loc, grad_attn = ext.ms_deform_attn_backward(
+            value_c, shapes, starts, loc_c, attn_c, grad_output.to(compute).contiguous())
+        del value_c, loc_c
+        dv, dl, da = ctx.in_dtypes
+        grad_input, grad_w_v, grad_b_v = _linear_grads(
+            _masked(grad_value.to(dv).reshape(input_flatten.shape), padding_mask), input_flatten,
+            w_v, ctx.has_bias[1])
+        del grad_value
+        # locations = ref + offsets * inv_size: d offsets = d locations * inv_size
+        rows = ref_rows.shape[0]
+        grad_off = (grad_loc.to(dl).reshape(rows, -1, inv_size.shape[-1]) * inv_size)
+        del grad_loc
+        grad_q, grad_w_off, grad_b_off = _linear_grads(
+            grad_off.reshape(query.shape[:-1] + (-1,)), query + query_pos, w_off,
+            ctx.has_bias[0])
+        return (grad_q, grad_q, grad_w_off, grad_b_off, None, None, grad_input, grad_w_v,
+                grad_b_v, None, None, None, grad_attn.to(da), None, None, None)
+
+
+def _locations(linear_off, query, query_pos, ref_rows, inv_size, weights_shape):
+    """Sampling locations [N, Lq, M, L, P, 2] = ref + sampling_offsets(query + query_pos) *
+    inv_size, as :meth:`MSDeformAttn.forward` computes them for [N, Lq, L, 2] reference points."""
+    offsets = linear_off(query + query_pos)
+    rows = ref_rows.shape[0]
+    loc = torch.addcmul(ref_rows, offsets.reshape(rows, -1, inv_size.shape[-1]), inv_size)
+    return loc.view(*weights_shape, 2)
+
+
+def _masked(t, padding_mask):
+    return t if padding_mask is None else t.masked_fill(padding_mask[..., None], 0.0)
+
+
+def _linear_grads(grad_out, x, weight, has_bias):
+    """Gradients of ``F.linear(x, weight, bias)`` for ``grad_out`` [..., C_out] -> (input
+    [..., C_in], weight, bias or None)."""
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).to(g.dtype)
+    grad_x = g.mm(weight.to(g.dtype)).reshape(x.shape)
+    grad_w = g.t().mm(rows).to(weight.dtype)
+    grad_b = g.sum(0).to(weight.dtype) if has_bias else None
+    return grad_x, grad_w, grad_b
+
+
+class _PositionedLinear(Function):
+    """``linear(query + query_pos)`` keeping ``query`` and ``query_pos`` instead of the sum (as
+    :class:`_QueryProjections`, for one layer)."""
+
+    @staticmethod
+    def forward(ctx, query, query_pos, weight, bias, linear):
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(query, query_pos, weight)
+        return linear(query + query_pos)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        query, query_pos, weight = ctx.saved_tensors
+        grad_q, grad_w, grad_b = _linear_grads(grad, query + query_pos, weight, ctx.has_bias)
+        return grad_q, grad_q, grad_w, grad_b, None
+
+
 def _project_value(value_proj, input_flatten, padding_mask, n_heads):
     """value_proj(input) [N, S, C], zeroed at padding -> [N, S, M, C / M]."""
     value = value_proj(input_flatten)
@@ -290,6 +397,10 @@ class MSDeformAttn(nn.Module):
         N, Lq, _ = query.shape
         _, S, _ = input_flatten.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
+        if self._recomputes_locations(query, query_pos, reference_points, input_flatten):
+            return self._encoder_training_forward(query, query_pos, reference_points,
+                                                  input_flatten, input_spatial_shapes,
+                                                  input_level_start_index, input_padding_mask)
         offsets, weights = self._query_projections(query, query_pos)
         offsets = offsets.view(N, Lq, M, L, P, 2)
         weights = F.softmax(weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
@@ -317,6 +428,33 @@ class MSDeformAttn(nn.Module):
             value = _project_value(self.value_proj, input_flatten, input_padding_mask, M)
             output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                                     locations, weights)
+        return self.output_proj(output)
+
+    def _recomputes_locations(self, query, query_pos, reference_points, input_flatten):
+        """Whether training recomputes the sampling locations and the value projection in the
+        backward pass (:class:`_SampledAttention`): as :meth:`_recomputes_value`, and for the
+        encoder's form (positional embedding passed apart, [N, Lq, L, 2] reference points
+        without gradient, trained offsets)."""
+        return (self._recomputes_value(input_flatten) and query_pos is not None
+                and query_pos.shape == query.shape and reference_points.shape[-1] == 2
+                and not reference_points.requires_grad
+                and self.sampling_offsets.weight.requires_grad)
+
+    def _encoder_training_forward(self, query, query_pos, reference_points, input_flatten,
+                                  spatial_shapes, level_start_index, padding_mask):
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        logits = _PositionedLinear.apply(query, query_pos, self.attention_weights.weight,
+                                         self.attention_weights.bias, self.attention_weights)
+        weights = F.softmax(logits.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
+        inv_size = 1.0 / spatial_shapes.flip(-1).to(query.dtype)                   # [L, 2]
+        inv_size = inv_size[:, None, :].expand(L, P, 2).reshape(1, 1, L * P * 2)
+        ref_rows = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2)
+        ref_rows = ref_rows.reshape(N * Lq, 1, L * P * 2)
+        output = _SampledAttention.apply(
+            query, query_pos, self.sampling_offsets.weight, self.sampling_offsets.bias, ref_rows,
+            inv_size, input_flatten, self.value_proj.weight, self.value_proj.bias, padding_mask,
+            spatial_shapes, level_start_index, weights, self.sampling_offsets, self.value_proj, M)
         return self.output_proj(output)
 
     def _recomputes_value(self, input_flatten):
