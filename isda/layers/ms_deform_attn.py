@@ -189,77 +189,95 @@ class _ProjectedValueAttention(Function):
 
 
 class _SampledAttention(Function):
-    """The encoder's attention core without its two largest kept tensors: the sampling
-    locations (``ref + sampling_offsets(query + query_pos) * inv_size``) and the value
-    projection are recomputed in the backward pass from ``query``, ``query_pos`` and
-    ``input_flatten``, which are kept anyway (the layer input and the positional embedding of
-    all layers). Costs two [S, C] x [C, C] products per layer in the backward pass; saves the
-    [N, Lq, M, L, P, 2] locations and the [N, S, C] value (about 40 MB per encoder layer of
-    ISDA-R50 at 800x1216). Reference points without gradient, [N, Lq, L, 2] form only.
+    """The encoder's attention core (query projections, softmax, sampling locations, value
+    projection and the compiled op) keeping only what the layer keeps anyway: ``query`` and
+    ``query_pos`` (the layer input and the positional embedding of all layers; not their sum),
+    ``input_flatten`` (the layer input) and the attention weights (which the softmax needs).
+    The backward pass recomputes the sum, the sampling offsets, the locations
+    (``ref + offsets * inv_size``) and the value projection: two [S, C] x [C, C] products per
+    layer; the [N, Lq, M, L, P, 2] locations and the [N, S, C] value are no longer kept (about
+    40 MB per encoder layer of ISDA-R50 at 800x1216). Same math as :meth:`MSDeformAttn.forward`;
+    the Linear modules' own forward (nn.Linear or TokenLinear) computes the products.
+    Reference points without gradient, [N, Lq, L, 2] form only.
 
-    ref_rows: [N * Lq, 1, L * P * 2] (an expanded view); inv_size: [1, 1, L * P * 2]."""
+    ref_rows: [N * Lq, 1, L * P * 2]; inv_size: [1, 1, L * P * 2]; mlp: (M, L, P)."""
 
     @staticmethod
-    def forward(ctx, query, query_pos, w_off, b_off, ref_rows, inv_size, input_flatten, w_v, b_v,
-                padding_mask, spatial_shapes, level_start_index, attention_weights, linear_off,
-                value_proj, n_heads):
+    def forward(ctx, query, query_pos, w_off, b_off, w_att, b_att, ref_rows, inv_size,
+                input_flatten, w_v, b_v, padding_mask, spatial_shapes, level_start_index, modules,
+                mlp):
         ext = load_extension()
-        value = _project_value(value_proj, input_flatten, padding_mask, n_heads)
-        locations = _locations(linear_off, query, query_pos, ref_rows, inv_size,
-                               attention_weights.shape)
-        validate_inputs(value, spatial_shapes, level_start_index, locations, attention_weights)
-        out_dtype, compute = promoted_dtypes(value, locations, attention_weights)
-        ctx.in_dtypes = (value.dtype, locations.dtype, attention_weights.dtype)
-        attn_c = attention_weights.to(compute).contiguous()
+        linear_off, linear_att, value_proj = modules
+        n, lq = query.shape[:2]
+        m, l, p = mlp
+        q = query + query_pos
+        locations = _locations(linear_off(q), ref_rows, inv_size, (n, lq, m, l, p))
+        weights = F.softmax(linear_att(q).view(n, lq, m, l * p), -1).view(n, lq, m, l, p)
+        del q
+        value = _project_value(value_proj, input_flatten, padding_mask, m)
+        validate_inputs(value, spatial_shapes, level_start_index, locations, weights)
+        out_dtype, compute = promoted_dtypes(value, locations, weights)
+        ctx.out_dtypes = (query.dtype, w_off.dtype, w_att.dtype, w_v.dtype)
+        attn_c = weights.to(compute).contiguous()
         shapes = spatial_shapes.to(torch.int64).contiguous()
         starts = level_start_index.to(torch.int64).contiguous()
         out = ext.ms_deform_attn_forward(value.to(compute).contiguous(), shapes, starts,
                                          locations.to(compute).contiguous(), attn_c)
-        ctx.modules, ctx.n_heads = (linear_off, value_proj), n_heads
-        ctx.has_bias = (b_off is not None, b_v is not None)
-        ctx.save_for_backward(query, query_pos, w_off, ref_rows, inv_size, input_flatten, w_v,
-                              padding_mask, shapes, starts, attn_c)
+        ctx.modules, ctx.mlp = modules, mlp
+        ctx.has_bias = (b_off is not None, b_att is not None, b_v is not None)
+        ctx.save_for_backward(query, query_pos, w_off, w_att, ref_rows, inv_size, input_flatten,
+                              w_v, padding_mask, shapes, starts, attn_c)
         return out.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         ext = load_extension()
-        (query, query_pos, w_off, ref_rows, inv_size, input_flatten, w_v, padding_mask, shapes,
-         starts, attn_c) = ctx.saved_tensors
-        linear_off, value_proj = ctx.modules
+        (query, query_pos, w_off, w_att, ref_rows, inv_size, input_flatten, w_v, padding_mask,
+         shapes, starts, attn_c) = ctx.saved_tensors
+        linear_off, _, value_proj = ctx.modules
+        m, l, p = ctx.mlp
+        n, lq = query.shape[:2]
         compute = attn_c.dtype
-        locations = _locations(linear_off, query, query_pos, ref_rows, inv_size, attn_c.shape)
-        loc_c = locations.to(compute).contiguous()
-        del locations
-        value_c = _project_value(value_proj, input_flatten, padding_mask, ctx.n_heads)
+        q = query + query_pos
+        loc_c = _locations(linear_off(q), ref_rows, inv_size, (n, lq, m, l, p))
+        loc_c = loc_c.to(compute).contiguous()
+        value_c = _project_value(value_proj, input_flatten, padding_mask, m)
         value_c = value_c.to(compute).contiguous()
         grad_value, grad_loc, grad_attn = ext.ms_deform_attn_backward(
             value_c, shapes, starts, loc_c, attn_c, grad_output.to(compute).contiguous())
         del value_c, loc_c
-        dv, dl, da = ctx.in_dtypes
+        dq, d_off, d_att, dv = ctx.out_dtypes
         grad_input, grad_w_v, grad_b_v = _linear_grads(
-            _masked(grad_value.to(dv).reshape(input_flatten.shape), padding_mask), input_flatten,
-            w_v, ctx.has_bias[1])
+            _masked(grad_value.reshape(input_flatten.shape), padding_mask), input_flatten, w_v,
+            ctx.has_bias[2])
         del grad_value
         # locations = ref + offsets * inv_size: d offsets = d locations * inv_size
-        rows = ref_rows.shape[0]
-        grad_off = (grad_loc.to(dl).reshape(rows, -1, inv_size.shape[-1]) * inv_size)
+        g_off = (grad_loc.reshape(ref_rows.shape[0], m, -1) * inv_size).reshape(n * lq, -1)
         del grad_loc
-        grad_q, grad_w_off, grad_b_off = _linear_grads(
-            grad_off.reshape(query.shape[:-1] + (-1,)), query + query_pos, w_off,
-            ctx.has_bias[0])
-        return (grad_q, grad_q, grad_w_off, grad_b_off, None, None, grad_input, grad_w_v,
-                grad_b_v, None, None, None, grad_attn.to(da), None, None, None)
+        # softmax over each head's L * P weights: d logits = w * (d w - sum(d w * w))
+        w = attn_c.view(n * lq, m, l * p)
+        ga = grad_attn.view(n * lq, m, l * p)
+        g_att = (ga - (ga * w).sum(-1, keepdim=True)).mul_(w).reshape(n * lq, -1)
+        del grad_attn, ga
+        q2 = q.reshape(n * lq, -1).to(g_off.dtype)
+        grad_q = torch.addmm(g_off.mm(w_off.to(g_off.dtype)), g_att, w_att.to(g_att.dtype))
+        grad_q = grad_q.reshape(query.shape).to(dq)
+        grad_w_off = g_off.t().mm(q2).to(d_off)
+        grad_w_att = g_att.t().mm(q2).to(d_att)
+        grad_b_off = g_off.sum(0).to(d_off) if ctx.has_bias[0] else None
+        grad_b_att = g_att.sum(0).to(d_att) if ctx.has_bias[1] else None
+        return (grad_q, grad_q, grad_w_off, grad_b_off, grad_w_att, grad_b_att, None, None,
+                grad_input.to(dq), grad_w_v.to(dv), None if grad_b_v is None else grad_b_v.to(dv),
+                None, None, None, None, None)
 
 
-def _locations(linear_off, query, query_pos, ref_rows, inv_size, weights_shape):
-    """Sampling locations [N, Lq, M, L, P, 2] = ref + sampling_offsets(query + query_pos) *
-    inv_size, as :meth:`MSDeformAttn.forward` computes them for [N, Lq, L, 2] reference points."""
-    offsets = linear_off(query + query_pos)
+def _locations(offsets, ref_rows, inv_size, nlqmlp):
+    """Sampling locations [N, Lq, M, L, P, 2] = ref + offsets * inv_size, as
+    :meth:`MSDeformAttn.forward` computes them for [N, Lq, L, 2] reference points."""
     rows = ref_rows.shape[0]
-    loc = torch.addcmul(ref_rows, offsets.reshape(rows, -1, inv_size.shape[-1]), inv_size)
-    return loc.view(*weights_shape, 2)
+    loc = torch.addcmul(ref_rows, offsets.reshape(rows, nlqmlp[2], -1), inv_size)
+    return loc.view(*nlqmlp, 2)
 
 
 def _masked(t, padding_mask):
@@ -275,24 +293,6 @@ def _linear_grads(grad_out, x, weight, has_bias):
     grad_w = g.t().mm(rows).to(weight.dtype)
     grad_b = g.sum(0).to(weight.dtype) if has_bias else None
     return grad_x, grad_w, grad_b
-
-
-class _PositionedLinear(Function):
-    """``linear(query + query_pos)`` keeping ``query`` and ``query_pos`` instead of the sum (as
-    :class:`_QueryProjections`, for one layer)."""
-
-    @staticmethod
-    def forward(ctx, query, query_pos, weight, bias, linear):
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(query, query_pos, weight)
-        return linear(query + query_pos)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        query, query_pos, weight = ctx.saved_tensors
-        grad_q, grad_w, grad_b = _linear_grads(grad, query + query_pos, weight, ctx.has_bias)
-        return grad_q, grad_q, grad_w, grad_b, None
 
 
 def _project_value(value_proj, input_flatten, padding_mask, n_heads):
@@ -444,17 +444,16 @@ class MSDeformAttn(nn.Module):
                                   spatial_shapes, level_start_index, padding_mask):
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        logits = _PositionedLinear.apply(query, query_pos, self.attention_weights.weight,
-                                         self.attention_weights.bias, self.attention_weights)
-        weights = F.softmax(logits.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         inv_size = 1.0 / spatial_shapes.flip(-1).to(query.dtype)                   # [L, 2]
         inv_size = inv_size[:, None, :].expand(L, P, 2).reshape(1, 1, L * P * 2)
         ref_rows = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2)
         ref_rows = ref_rows.reshape(N * Lq, 1, L * P * 2)
         output = _SampledAttention.apply(
-            query, query_pos, self.sampling_offsets.weight, self.sampling_offsets.bias, ref_rows,
-            inv_size, input_flatten, self.value_proj.weight, self.value_proj.bias, padding_mask,
-            spatial_shapes, level_start_index, weights, self.sampling_offsets, self.value_proj, M)
+            query, query_pos, self.sampling_offsets.weight, self.sampling_offsets.bias,
+            self.attention_weights.weight, self.attention_weights.bias, ref_rows, inv_size,
+            input_flatten, self.value_proj.weight, self.value_proj.bias, padding_mask,
+            spatial_shapes, level_start_index,
+            (self.sampling_offsets, self.attention_weights, self.value_proj), (M, L, P))
         return self.output_proj(output)
 
     def _recomputes_value(self, input_flatten):

@@ -14,7 +14,9 @@ every iteration:
 The ``"cache"`` policy (the default) installs ISDA's large-block cache as torch's CPU allocator
 (``ops/cpu_allocator/block_cache.cpp``, extension ``isda._cpu_cache``): blocks of at least
 ``ISDA_CPU_CACHE_MIN_KB`` (default 1024) are mapped on their own, rounded up to a size class
-(at most 12.5 % slack) and kept on free for the next tensor of the same class; idle blocks beyond
+(at most 12.5 % slack) and kept on free for the next tensor of the same class; a tensor of
+another class takes the pages of idle blocks (a larger one cut to size, or smaller ones moved
+together by ``mremap``), so the process grows only when no idle block is left; idle blocks beyond
 ``ISDA_CPU_CACHE_MB`` (default :data:`DEFAULT_CACHE_MB`) go back to the system, least recently
 freed first. Smaller blocks stay with glibc. ``ISDA_CPU_CACHE_HUGEPAGES=1`` advises transparent
 huge pages for newly mapped blocks of 2 MB and more (off by default: it speeds up mapping
