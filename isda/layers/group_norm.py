@@ -55,12 +55,14 @@ class _GroupNormFromOutput(Function):
         if ctx.relu:
             grad = torch.where(y > 0, grad, 0.0).contiguous(memory_format=fmt)
         gain = torch.where(weight >= 0, weight.clamp(min=_MIN_GAIN), weight.clamp(max=-_MIN_GAIN))
+        # x = (y - bias) / gain / rstd + mean = y * a + b per (image, channel), in one pass
         per_image = [n, c] + [1] * (y.dim() - 2)
-        mean_c = mean.repeat_interleave(c // groups, dim=1).view(per_image)
-        rstd_c = rstd.repeat_interleave(c // groups, dim=1).view(per_image)
+        mean_c = mean.repeat_interleave(c // groups, dim=1).view(n, c)
+        rstd_c = rstd.repeat_interleave(c // groups, dim=1).view(n, c)
+        a = (1.0 / (gain[None] * rstd_c)).to(y.dtype)
+        b = (mean_c - bias[None] * a).to(y.dtype)
         x = torch.empty_like(grad, memory_format=fmt)
-        torch.sub(y, _per_channel(bias, y), out=x)
-        x.div_(_per_channel(gain, y)).div_(rstd_c).add_(mean_c)
+        torch.addcmul(b.view(per_image), y, a.view(per_image), out=x)
         grad_x, grad_w, grad_b = torch.ops.aten.native_group_norm_backward(
             grad, x, mean, rstd, weight, n, c, hw, groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
