@@ -26,6 +26,20 @@ uint32_t keep_threshold(double p) {
 constexpr int64_t kGrain = 1 << 14;  // elements per task, at least
 constexpr int64_t kBlock = 1024;     // elements per inner block (even)
 
+// The 32-bit words of the elements [b0, b0 + len) (len <= kBlock) of the stream `seed`, written
+// into `words` (kBlock + 2 entries); returns a pointer to the word of element b0. A block may
+// start at an odd element: its first word is then the high half of a pair.
+inline const uint32_t* block_words(uint32_t* words, int64_t len, int64_t b0, uint64_t seed) {
+  const int64_t first_pair = b0 >> 1;
+  const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
+  for (int64_t k = 0; k < pairs; ++k) {
+    const uint64_t h = detail::dropout_pair_bits(seed, first_pair + k);
+    words[2 * k] = static_cast<uint32_t>(h);
+    words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
+  }
+  return words + (b0 & 1);
+}
+
 // One block of at most kBlock elements starting at element b0, in two branch-free passes: the
 // 32-bit words of its elements, then mask and output. A block may start at an odd element: its
 // first word is then the high half of a pair, whose hash is also evaluated by the previous block.
@@ -34,14 +48,7 @@ ISDA_TARGET_CLONES void dropout_block(const scalar_t* __restrict__ x, scalar_t* 
                                       uint8_t* __restrict__ mask, int64_t len, int64_t b0,
                                       uint64_t seed, uint32_t threshold, acc_t scale, bool relu) {
   uint32_t words[kBlock + 2];
-  const int64_t first_pair = b0 >> 1;
-  const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
-  for (int64_t k = 0; k < pairs; ++k) {
-    const uint64_t h = detail::dropout_pair_bits(seed, first_pair + k);
-    words[2 * k] = static_cast<uint32_t>(h);
-    words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
-  }
-  const uint32_t* w = words + (b0 & 1);
+  const uint32_t* w = block_words(words, len, b0, seed);
   for (int64_t j = 0; j < len; ++j) {
     const acc_t v = static_cast<acc_t>(x[j]);
     const bool keep = (w[j] >= threshold) & (!relu | (v > acc_t(0)));
@@ -57,14 +64,7 @@ ISDA_TARGET_CLONES void mask_block(const scalar_t* __restrict__ x, uint8_t* __re
                                    int64_t len, int64_t b0, uint64_t seed, uint32_t threshold,
                                    bool relu) {
   uint32_t words[kBlock + 2];
-  const int64_t first_pair = b0 >> 1;
-  const int64_t pairs = ((b0 + len - 1) >> 1) - first_pair + 1;
-  for (int64_t k = 0; k < pairs; ++k) {
-    const uint64_t h = detail::dropout_pair_bits(seed, first_pair + k);
-    words[2 * k] = static_cast<uint32_t>(h);
-    words[2 * k + 1] = static_cast<uint32_t>(h >> 32);
-  }
-  const uint32_t* w = words + (b0 & 1);
+  const uint32_t* w = block_words(words, len, b0, seed);
   for (int64_t j = 0; j < len; ++j) {
     const acc_t v = static_cast<acc_t>(x[j]);
     mask[j] = static_cast<uint8_t>((w[j] >= threshold) & (!relu | (v > acc_t(0))));
