@@ -21,11 +21,6 @@ __all__ = ["group_norm_keeping_output", "run_keeping_norm_outputs"]
 _MIN_GAIN = 1e-4
 
 
-def _per_channel(t, like):
-    """[C] -> [1, C, 1, ...] broadcastable to ``like`` [N, C, ...]."""
-    return t.view(1, -1, *([1] * (like.dim() - 2)))
-
-
 class _GroupNormFromOutput(Function):
     """``group_norm(x)`` (then ``relu`` when ``relu``) keeping the pre-activation output ``y``,
     the per-(image, group) mean and 1 / std instead of ``x``. x: [N, C, *] (any memory format)."""

@@ -94,15 +94,11 @@ class MSDeformAttnFunction(Function):
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations,
                 attention_weights):
         ext = load_extension()
-        out_dtype, compute = promoted_dtypes(value, sampling_locations, attention_weights)
         ctx.in_dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
         # half/bfloat16 are upcast here (the extension would do it too) so the saved tensors
         # are ready for the backward; results are cast back to the promoted input dtype.
-        value_c = value.to(compute).contiguous()
-        loc_c = sampling_locations.to(compute).contiguous()
-        attn_c = attention_weights.to(compute).contiguous()
-        shapes = spatial_shapes.to(torch.int64).contiguous()
-        starts = level_start_index.to(torch.int64).contiguous()
+        value_c, shapes, starts, loc_c, attn_c, out_dtype = _op_inputs(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         out = ext.ms_deform_attn_forward(value_c, shapes, starts, loc_c, attn_c)
         ctx.save_for_backward(value_c, shapes, starts, loc_c, attn_c)
         return out.to(out_dtype)
@@ -117,6 +113,16 @@ class MSDeformAttnFunction(Function):
             value_c, shapes, starts, loc_c, attn_c, grad_output)
         dv, dl, da = ctx.in_dtypes
         return grad_value.to(dv), None, None, grad_loc.to(dl), grad_attn.to(da)
+
+
+def _op_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The compiled op's inputs in its compute dtype (the promoted one, half / bfloat16 upcast),
+    contiguous, int64 shapes -> (value, shapes, starts, locations, weights, output dtype)."""
+    out_dtype, compute = promoted_dtypes(value, sampling_locations, attention_weights)
+    return (value.to(compute).contiguous(), spatial_shapes.to(torch.int64).contiguous(),
+            level_start_index.to(torch.int64).contiguous(),
+            sampling_locations.to(compute).contiguous(),
+            attention_weights.to(compute).contiguous(), out_dtype)
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
@@ -150,14 +156,10 @@ class _ProjectedValueAttention(Function):
         value = _project_value(value_proj, input_flatten, padding_mask, n_heads)
         validate_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                         attention_weights)
-        out_dtype, compute = promoted_dtypes(value, sampling_locations, attention_weights)
         ctx.in_dtypes = (value.dtype, sampling_locations.dtype, attention_weights.dtype)
-        loc_c = sampling_locations.to(compute).contiguous()
-        attn_c = attention_weights.to(compute).contiguous()
-        shapes = spatial_shapes.to(torch.int64).contiguous()
-        starts = level_start_index.to(torch.int64).contiguous()
-        out = ext.ms_deform_attn_forward(value.to(compute).contiguous(), shapes, starts, loc_c,
-                                         attn_c)
+        value_c, shapes, starts, loc_c, attn_c, out_dtype = _op_inputs(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        out = ext.ms_deform_attn_forward(value_c, shapes, starts, loc_c, attn_c)
         ctx.value_proj, ctx.n_heads, ctx.has_bias = value_proj, n_heads, bias is not None
         ctx.save_for_backward(input_flatten, weight, padding_mask, shapes, starts, loc_c, attn_c)
         return out.to(out_dtype)
@@ -175,15 +177,9 @@ class _ProjectedValueAttention(Function):
             value_c, shapes, starts, loc_c, attn_c, grad_output)
         del value_c
         dv, dl, da = ctx.in_dtypes
-        n, s, c = input_flatten.shape
-        g = grad_value.to(dv).reshape(n, s, c)
-        if padding_mask is not None:
-            g = g.masked_fill(padding_mask[..., None], 0.0)
-        g = g.reshape(-1, c)
-        rows = input_flatten.reshape(-1, input_flatten.shape[-1])
-        grad_input = g.mm(weight.to(g.dtype)).reshape(input_flatten.shape)
-        grad_weight = g.t().mm(rows.to(g.dtype)).to(weight.dtype)
-        grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_input, grad_weight, grad_bias = _linear_grads(
+            _masked(grad_value.to(dv).reshape(input_flatten.shape), padding_mask), input_flatten,
+            weight, ctx.has_bias)
         return (grad_input, grad_weight, grad_bias, None, None, None, grad_loc.to(dl),
                 grad_attn.to(da), None, None)
 
@@ -216,13 +212,11 @@ class _SampledAttention(Function):
         del q
         value = _project_value(value_proj, input_flatten, padding_mask, m)
         validate_inputs(value, spatial_shapes, level_start_index, locations, weights)
-        out_dtype, compute = promoted_dtypes(value, locations, weights)
         ctx.out_dtypes = (query.dtype, w_off.dtype, w_att.dtype, w_v.dtype)
-        attn_c = weights.to(compute).contiguous()
-        shapes = spatial_shapes.to(torch.int64).contiguous()
-        starts = level_start_index.to(torch.int64).contiguous()
-        out = ext.ms_deform_attn_forward(value.to(compute).contiguous(), shapes, starts,
-                                         locations.to(compute).contiguous(), attn_c)
+        value_c, shapes, starts, loc_c, attn_c, out_dtype = _op_inputs(
+            value, spatial_shapes, level_start_index, locations, weights)
+        del value, locations, weights
+        out = ext.ms_deform_attn_forward(value_c, shapes, starts, loc_c, attn_c)
         ctx.modules, ctx.mlp = modules, mlp
         ctx.has_bias = (b_off is not None, b_att is not None, b_v is not None)
         ctx.save_for_backward(query, query_pos, w_off, w_att, ref_rows, inv_size, input_flatten,
@@ -272,9 +266,21 @@ class _SampledAttention(Function):
                 None, None, None, None, None)
 
 
+def _level_scaling(reference_points, spatial_shapes, n_points, dtype):
+    """For [N, Lq, L, 2] reference points: (ref_rows [N * Lq, 1, L * P * 2] (each row the
+    query's reference point repeated for every point), inv_size [1, 1, L * P * 2] (1 / (W, H)
+    of each level)): offsets are in pixels of each level."""
+    n, lq, l, _ = reference_points.shape
+    inv_size = 1.0 / spatial_shapes.flip(-1).to(dtype)                                 # [L, 2]
+    inv_size = inv_size[:, None, :].expand(l, n_points, 2).reshape(1, 1, l * n_points * 2)
+    ref = reference_points[:, :, None, :, None, :].expand(n, lq, 1, l, n_points, 2)
+    return ref.reshape(n * lq, 1, l * n_points * 2), inv_size
+
+
 def _locations(offsets, ref_rows, inv_size, nlqmlp):
-    """Sampling locations [N, Lq, M, L, P, 2] = ref + offsets * inv_size, as
-    :meth:`MSDeformAttn.forward` computes them for [N, Lq, L, 2] reference points."""
+    """Sampling locations [N, Lq, M, L, P, 2] = ref + offsets * inv_size from
+    :func:`_level_scaling`'s rows: one addcmul over rows of L * P * 2 contiguous values (a
+    broadcast over the 6-d layout is ~40x slower on the CPU)."""
     rows = ref_rows.shape[0]
     loc = torch.addcmul(ref_rows, offsets.reshape(rows, nlqmlp[2], -1), inv_size)
     return loc.view(*nlqmlp, 2)
@@ -405,14 +411,9 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(N, Lq, M, L, P, 2)
         weights = F.softmax(weights.view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: scale by 1 / (W, H). One addcmul over rows of
-            # L * P * 2 contiguous values (a broadcast over the 6-d layout is ~40x slower on CPU)
-            inv_size = 1.0 / input_spatial_shapes.flip(-1).to(offsets.dtype)          # [L, 2]
-            inv_size = inv_size[:, None, :].expand(L, P, 2).reshape(1, 1, L * P * 2)
-            ref = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2)
-            locations = torch.addcmul(ref.reshape(N * Lq, 1, L * P * 2),
-                                      offsets.reshape(N * Lq, M, L * P * 2), inv_size)
-            locations = locations.view(N, Lq, M, L, P, 2)
+            ref_rows, inv_size = _level_scaling(reference_points, input_spatial_shapes, P,
+                                                offsets.dtype)
+            locations = _locations(offsets, ref_rows, inv_size, (N, Lq, M, L, P))
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
@@ -442,12 +443,8 @@ class MSDeformAttn(nn.Module):
 
     def _encoder_training_forward(self, query, query_pos, reference_points, input_flatten,
                                   spatial_shapes, level_start_index, padding_mask):
-        N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
-        inv_size = 1.0 / spatial_shapes.flip(-1).to(query.dtype)                   # [L, 2]
-        inv_size = inv_size[:, None, :].expand(L, P, 2).reshape(1, 1, L * P * 2)
-        ref_rows = reference_points[:, :, None, :, None, :].expand(N, Lq, 1, L, P, 2)
-        ref_rows = ref_rows.reshape(N * Lq, 1, L * P * 2)
+        ref_rows, inv_size = _level_scaling(reference_points, spatial_shapes, P, query.dtype)
         output = _SampledAttention.apply(
             query, query_pos, self.sampling_offsets.weight, self.sampling_offsets.bias,
             self.attention_weights.weight, self.attention_weights.bias, ref_rows, inv_size,

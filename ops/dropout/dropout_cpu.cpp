@@ -41,8 +41,7 @@ inline const uint32_t* block_words(uint32_t* words, int64_t len, int64_t b0, uin
 }
 
 // One block of at most kBlock elements starting at element b0, in two branch-free passes: the
-// 32-bit words of its elements, then mask and output. A block may start at an odd element: its
-// first word is then the high half of a pair, whose hash is also evaluated by the previous block.
+// 32-bit words of its elements (block_words), then mask and output.
 template <typename scalar_t, typename acc_t>
 ISDA_TARGET_CLONES void dropout_block(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
                                       uint8_t* __restrict__ mask, int64_t len, int64_t b0,
@@ -83,10 +82,14 @@ ISDA_TARGET_CLONES void masked_scale(const scalar_t* __restrict__ grad,
 
 }  // namespace
 
-std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed,
-                                            bool relu) {
+static void check_dropout_input(const at::Tensor& input, double p) {
   TORCH_CHECK(input.device().is_cpu(), "isda dropout: input must be a CPU tensor");
   TORCH_CHECK(p >= 0.0 && p < 1.0, "isda dropout: p must be in [0, 1), got ", p);
+}
+
+std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, int64_t seed,
+                                            bool relu) {
+  check_dropout_input(input, p);
   const at::Tensor x = input.contiguous();
   at::Tensor out = at::empty_like(x);
   at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kByte));
@@ -110,8 +113,7 @@ std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, i
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, int64_t seed, bool relu) {
-  TORCH_CHECK(input.device().is_cpu(), "isda dropout: input must be a CPU tensor");
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "isda dropout: p must be in [0, 1), got ", p);
+  check_dropout_input(input, p);
   const at::Tensor x = input.contiguous();
   at::Tensor mask = at::empty(x.sizes(), x.options().dtype(at::kByte));
   const int64_t n = x.numel();
