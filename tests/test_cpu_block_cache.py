@@ -96,7 +96,9 @@ def test_cache_reuses_blocks_keeps_values_and_respects_its_limit():
 def test_requests_of_other_classes_take_the_pages_of_idle_blocks():
     """A miss while blocks of other classes sit idle: smaller idle blocks are moved into the new
     block (their pages, not fresh ones: the process does not grow by them) and a larger idle
-    block is cut to the request (its tail goes back to the system); values are the writer's."""
+    block is split (the request takes its head, its tail stays idle and resident for the next
+    request); a block made of moved pieces is moved again piece by piece (one kernel mapping
+    each: older kernels move no more in one call); values are the writer's."""
     out = run_python("""
         import json, torch
         from isda.utils.cpu_allocator import apply_allocator_policy, block_cache_stats
@@ -105,6 +107,9 @@ def test_requests_of_other_classes_take_the_pages_of_idle_blocks():
             with open("/proc/self/status") as f:
                 return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
 
+        def values(t):
+            return [int(v) for v in torch.aminmax(t)]  # scalars: no large temporary
+
         assert apply_allocator_policy() == "cache"
         mb = 1 << 20
         blocks = [torch.full((4 * mb,), 1, dtype=torch.uint8) for _ in range(4)]
@@ -112,26 +117,44 @@ def test_requests_of_other_classes_take_the_pages_of_idle_blocks():
         s1, r1 = block_cache_stats(), rss_mb()
         big = torch.full((15 * mb,), 2, dtype=torch.uint8)      # class 15 MB: no idle match
         s2, r2 = block_cache_stats(), rss_mb()
-        big_values = [int(v) for v in torch.aminmax(big)]        # scalars: no large temporary
-        del big                                                  # idle: 15 MB + 4 MB
-        cut = torch.full((5 * mb,), 3, dtype=torch.uint8)       # class 5 MB: 15 MB cut to it
+        big_values = values(big)
+        del big                                                  # idle: 15 MB (moved) + 4 MB
+        head = torch.full((5 * mb,), 3, dtype=torch.uint8)      # class 5 MB: 15 MB split
         s3, r3 = block_cache_stats(), rss_mb()
-        cut_values = [int(v) for v in torch.aminmax(cut)]
-        print(json.dumps(dict(s1=s1, s2=s2, s3=s3, r1=r1, r2=r2, r3=r3, big_values=big_values,
-                              cut_values=cut_values)))
+        tail = torch.full((10 * mb,), 4, dtype=torch.uint8)     # class 10 MB: the idle tail
+        s4, r4 = block_cache_stats(), rss_mb()
+        head_values, tail_values = values(head), values(tail)
+        del head, tail                        # idle: 5 + 10 MB (of the moved block) + 4 MB
+        large = torch.full((20 * mb,), 5, dtype=torch.uint8)    # class 20 MB: no larger block
+        s5, r5 = block_cache_stats(), rss_mb()
+        print(json.dumps(dict(s1=s1, s2=s2, s3=s3, s4=s4, s5=s5, r1=r1, r2=r2, r3=r3, r4=r4, r5=r5,
+                              big_values=big_values, head_values=head_values,
+                              tail_values=tail_values, large_values=values(large))))
     """, ISDA_CPU_CACHE_MB=64)
     mb = 1 << 20
-    s1, s2, s3 = out["s1"], out["s2"], out["s3"]
+    s1, s2, s3, s4, s5 = (out[k] for k in ("s1", "s2", "s3", "s4", "s5"))
     assert s1["cached_bytes"] == 16 * mb
     # three idle 4 MB blocks moved in (12 <= 15 MB), the fourth does not fit the 3 MB left
     assert s2["repurposed"] - s1["repurposed"] == 1, out
     assert s2["cached_bytes"] == 4 * mb
     assert out["r2"] - out["r1"] < 3 + 1.5, out      # only the 3 MB not covered are new pages
     assert out["big_values"] == [2, 2]
+    # the 15 MB block split: 5 MB in use, its 10 MB tail idle beside the 4 MB block; no page
+    # left the process
     assert s3["repurposed"] - s2["repurposed"] == 1, out
-    assert s3["cached_bytes"] == 4 * mb              # the 15 MB block was cut, the 4 MB one kept
-    assert out["r3"] < out["r2"] - 7, out             # its 10 MB tail left the process
-    assert out["cut_values"] == [3, 3]
+    assert s3["cached_bytes"] == 14 * mb, out
+    assert abs(out["r3"] - out["r2"]) < 1.5, out
+    # the tail serves the next 10 MB request as a hit, with its resident pages
+    assert (s4["hits"] - s3["hits"], s4["misses"] - s3["misses"]) == (1, 0), out
+    assert s4["cached_bytes"] == 4 * mb
+    assert abs(out["r4"] - out["r3"]) < 1.5, out
+    assert out["head_values"] == [3, 3] and out["tail_values"] == [4, 4]
+    # 20 MB: all 19 idle MB moved in (the split halves of the moved-together block in their
+    # pieces, and the 4 MB block); 1 MB of new pages
+    assert s5["repurposed"] - s4["repurposed"] == 1, out
+    assert s5["cached_bytes"] == 0, out
+    assert out["r5"] - out["r4"] < 1 + 1.5, out
+    assert out["large_values"] == [5, 5]
 
 
 # the classic fragmenting pattern: 40 blocks of 4 MB, every other one freed (holes between live

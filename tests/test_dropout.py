@@ -58,6 +58,38 @@ def test_mask_alone_matches_the_documented_stream(relu, n):
     assert np.array_equal(mask.numpy().astype(bool), keep)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("n", [7, 40001])
+def test_in_place_forward_writes_the_documented_output_into_its_input(relu, n):
+    """``dropout_forward_``: the feed-forward block's backward pass rebuilds the forward
+    output in the recomputed hidden state itself (no second [rows, d_ffn] tensor)."""
+    p, seed = 0.2, 424242
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    ref = x.numpy().copy()
+    storage = x.data_ptr()
+    mask = _C.dropout_forward_(x, p, seed, relu)
+    keep = splitmix64_words(seed, n) >= round(p * 2 ** 32)
+    if relu:
+        keep &= ref > 0
+    assert x.data_ptr() == storage and mask.dtype == torch.uint8
+    assert np.array_equal(mask.numpy().astype(bool), keep)
+    np.testing.assert_allclose(x.numpy(), np.where(keep, ref / (1 - p), 0.0), rtol=1e-15, atol=0)
+
+
+def test_in_place_backward_scales_its_gradient_by_the_mask():
+    n, scale = 40001, 1.25
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(n, dtype=torch.float64, generator=g)
+    mask = (torch.rand(n, generator=g) > 0.3).to(torch.uint8)
+    want = grad.numpy() * mask.numpy() * scale  # computed before the call changes grad
+    _C.dropout_backward_(grad, mask, scale)
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.dropout_backward_(torch.zeros(4, 2).t(), torch.ones(2, 4, dtype=torch.uint8), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.dropout_forward_(torch.zeros(4, 2).t(), 0.1, 1, False)
+
+
 def test_negative_seed_and_odd_task_boundaries_use_the_same_stream():
     # 2 threads split 40001 elements at an odd index: the result must not depend on the split
     x = torch.randn(40001)

@@ -61,6 +61,38 @@ def test_recomputed_ffn_matches_float64_composition(fast, p):
         assert err < 1e-5, (name, err)
 
 
+class _ExtensionWithout:
+    """The compiled dropout extension as built before some of its functions existed."""
+
+    def __init__(self, ext, missing):
+        self._ext, self._missing = ext, set(missing)
+
+    def __getattr__(self, name):
+        if name in self._missing:
+            raise AttributeError(name)
+        return getattr(self._ext, name)
+
+
+@pytest.mark.parametrize("missing", [("dropout_forward_", "dropout_backward_"),
+                                     ("dropout_forward_", "dropout_backward_", "dropout_mask")])
+def test_recomputed_ffn_with_an_older_dropout_extension(monkeypatch, missing):
+    """An extension built before the in-place kernels (users who pull without rebuilding)
+    gives the same values and gradients through its older functions."""
+    if not fast_dropout_available(torch.zeros(1)):
+        pytest.skip("compiled dropout not built")
+    import isda.layers.dropout as dropout_module
+
+    l1, act, l2 = _block(True, 0.3)
+    act.train()
+    x = torch.randn(2, 1500, D, generator=torch.Generator().manual_seed(1))
+    want = _grads(x, l1, act, l2, feed_forward, seed=7)
+    old = _ExtensionWithout(dropout_module._extension(), missing)
+    monkeypatch.setattr(dropout_module, "_extension", lambda: old)
+    got = _grads(x, l1, act, l2, feed_forward, seed=7)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_backward_keeps_no_hidden_state():
     """Only the input is kept: no float [rows, d_ffn] hidden state, and with the compiled
     dropout no mask either (regenerated from its seed); torch's dropout keeps a uint8 mask."""

@@ -30,6 +30,47 @@ def test_matches_float64_linear_forward_and_backward(shape):
     torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-3)
 
 
+def _aten_ops(fn):
+    """The aten operators ``fn`` runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return names
+
+
+def test_backward_is_two_products_not_the_convolution_backward():
+    """The input's gradient through oneDNN (a product with the transposed weight) and the
+    weight's as one mm: oneDNN's convolution backward took about twice as long."""
+    x = torch.randn(3000, 64, requires_grad=True)
+    layer = TL.TokenLinear(64, 32)
+
+    def step():
+        layer(x).sum().backward()
+
+    names = _aten_ops(step)
+    assert "convolution_backward" not in names
+    assert names.count("convolution") + names.count("mkldnn_convolution") >= 2
+    assert "mm" in names
+
+
+@pytest.mark.parametrize("token", [True, False])
+def test_linear_input_grad_matches_float64(token):
+    g = torch.Generator().manual_seed(5)
+    grad_out, weight = torch.randn(4, 700, 40, generator=g), torch.randn(40, 48, generator=g)
+    module = TL.TokenLinear(48, 40) if token else torch.nn.Linear(48, 40)
+    got = TL.linear_input_grad(grad_out, weight, module)
+    torch.testing.assert_close(got.double(), grad_out.double() @ weight.double(),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_small_inputs_and_disabled_onednn_use_f_linear():
     x = torch.randn(10, 48)
     assert not TL._use_onednn(x)

@@ -31,6 +31,7 @@ from .ms_deform_attn_backend import (compiled_available, get_backend, load_exten
                                      set_backend, use_compiled)
 from .ms_deform_attn_checks import get_validation, promoted_dtypes, set_validation, validate_inputs
 from .ms_deform_attn_flops import TRACED_OP_NAME, flop_count_handles, ms_deform_attn_flop_jit
+from .token_linear import linear_input_grad
 
 __all__ = [
     "MSDeformAttn",
@@ -179,7 +180,7 @@ class _ProjectedValueAttention(Function):
         dv, dl, da = ctx.in_dtypes
         grad_input, grad_weight, grad_bias = _linear_grads(
             _masked(grad_value.to(dv).reshape(input_flatten.shape), padding_mask), input_flatten,
-            weight, ctx.has_bias)
+            weight, ctx.has_bias, ctx.value_proj)
         return (grad_input, grad_weight, grad_bias, None, None, None, grad_loc.to(dl),
                 grad_attn.to(da), None, None)
 
@@ -229,7 +230,7 @@ class _SampledAttention(Function):
         ext = load_extension()
         (query, query_pos, w_off, w_att, ref_rows, inv_size, input_flatten, w_v, padding_mask,
          shapes, starts, attn_c) = ctx.saved_tensors
-        linear_off, _, value_proj = ctx.modules
+        linear_off, linear_att, value_proj = ctx.modules
         m, l, p = ctx.mlp
         n, lq = query.shape[:2]
         compute = attn_c.dtype
@@ -244,7 +245,7 @@ class _SampledAttention(Function):
         dq, d_off, d_att, dv = ctx.out_dtypes
         grad_input, grad_w_v, grad_b_v = _linear_grads(
             _masked(grad_value.reshape(input_flatten.shape), padding_mask), input_flatten, w_v,
-            ctx.has_bias[2])
+            ctx.has_bias[2], value_proj)
         del grad_value
         # locations = ref + offsets * inv_size: d offsets = d locations * inv_size
         g_off = (grad_loc.reshape(ref_rows.shape[0], m, -1) * inv_size).reshape(n * lq, -1)
@@ -255,7 +256,8 @@ class _SampledAttention(Function):
         g_att = (ga - (ga * w).sum(-1, keepdim=True)).mul_(w).reshape(n * lq, -1)
         del grad_attn, ga
         q2 = q.reshape(n * lq, -1).to(g_off.dtype)
-        grad_q = torch.addmm(g_off.mm(w_off.to(g_off.dtype)), g_att, w_att.to(g_att.dtype))
+        grad_q = linear_input_grad(g_off, w_off.to(g_off.dtype), linear_off)
+        grad_q = grad_q.add_(linear_input_grad(g_att, w_att.to(g_att.dtype), linear_att))
         grad_q = grad_q.reshape(query.shape).to(dq)
         grad_w_off = g_off.t().mm(q2).to(d_off)
         grad_w_att = g_att.t().mm(q2).to(d_att)
@@ -290,12 +292,12 @@ def _masked(t, padding_mask):
     return t if padding_mask is None else t.masked_fill(padding_mask[..., None], 0.0)
 
 
-def _linear_grads(grad_out, x, weight, has_bias):
-    """Gradients of ``F.linear(x, weight, bias)`` for ``grad_out`` [..., C_out] -> (input
-    [..., C_in], weight, bias or None)."""
+def _linear_grads(grad_out, x, weight, has_bias, module):
+    """Gradients of ``F.linear(x, weight, bias)`` (the Linear ``module``) for ``grad_out``
+    [..., C_out] -> (input [..., C_in], weight, bias or None)."""
     g = grad_out.reshape(-1, grad_out.shape[-1])
     rows = x.reshape(-1, x.shape[-1]).to(g.dtype)
-    grad_x = g.mm(weight.to(g.dtype)).reshape(x.shape)
+    grad_x = linear_input_grad(g, weight.to(g.dtype), module).reshape(x.shape)
     grad_w = g.t().mm(rows).to(weight.dtype)
     grad_b = g.sum(0).to(weight.dtype) if has_bias else None
     return grad_x, grad_w, grad_b

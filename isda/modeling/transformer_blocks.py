@@ -5,6 +5,8 @@ from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from ..layers.token_linear import linear_input_grad
+
 __all__ = ["ACTIVATIONS", "ActivationDropout", "feed_forward", "layer_norm_keeping_output"]
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -53,16 +55,31 @@ def _relu_dropout_with_mask(h, p, seed=None):
     return h * mask * (1.0 / (1.0 - p)), mask, None
 
 
-def _relu_dropout_mask(h, p, seed):
-    """The mask of :func:`_relu_dropout_with_mask` with the compiled kernel's ``seed``, computed
-    without the [rows, d_ffn] output (the backward pass's transient peak would hold it beside
-    the recomputed hidden state)."""
+def _relu_dropout_in_place(h, p, seed):
+    """``h`` (contiguous [rows, d_ffn]) becomes ``dropout(relu(h))`` of the compiled kernel with
+    ``seed`` (the forward pass's output, rebuilt in place: no second [rows, d_ffn] tensor beside
+    the recomputed hidden state); returns the uint8 mask."""
     from ..layers.dropout import _extension
 
     ext = _extension()
-    if hasattr(ext, "dropout_mask"):
-        return ext.dropout_mask(h.contiguous(), p, seed, True)
-    return ext.dropout_forward(h.contiguous(), p, seed, True)[1]  # an extension built earlier
+    if hasattr(ext, "dropout_forward_"):
+        return ext.dropout_forward_(h, p, seed, True)
+    # an extension built before the in-place kernel: the mask, then the product
+    mask = (ext.dropout_mask(h, p, seed, True) if hasattr(ext, "dropout_mask")
+            else ext.dropout_forward(h, p, seed, True)[1])
+    h.mul_(mask).mul_(1.0 / (1.0 - p))
+    return mask
+
+
+def _scale_by_mask_(grad, mask, scale):
+    """``grad *= mask * scale`` in place (the dropout's backward on a contiguous gradient)."""
+    from ..layers.dropout import _extension
+
+    ext = _extension() if grad.device.type == "cpu" and grad.is_contiguous() else None
+    if ext is not None and hasattr(ext, "dropout_backward_"):
+        ext.dropout_backward_(grad, mask, scale)
+        return grad
+    return grad.mul_(mask).mul_(scale)
 
 
 class _ReluFeedForward(Function):
@@ -85,7 +102,7 @@ class _ReluFeedForward(Function):
             a = F.relu(h)
         del h
         y = linear2(a)
-        ctx.linear1, ctx.p, ctx.seed = linear1, p, seed
+        ctx.linear1, ctx.linear2, ctx.p, ctx.seed = linear1, linear2, p, seed
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
         ctx.save_for_backward(x, w1, w2, mask)
         return y
@@ -96,26 +113,31 @@ class _ReluFeedForward(Function):
         x, w1, w2, mask = ctx.saved_tensors
         with torch.no_grad():
             h = ctx.linear1(x)  # recomputed: the same product as in the forward pass
-        h = h.reshape(-1, h.shape[-1])
-        if ctx.seed is not None:  # the compiled kernel's mask, regenerated from its seed
-            mask = _relu_dropout_mask(h, ctx.p, ctx.seed)
-        if mask is not None:  # kept and positive
-            keep, scale = mask.reshape(h.shape), 1.0 / (1.0 - ctx.p)
-            a = h.mul_(keep).mul_(scale)  # = dropout(relu(h)), in place
-        else:
-            keep, scale = h > 0, None
+        h = h.reshape(-1, h.shape[-1]).contiguous()
+        scale = None
+        if ctx.seed is not None:  # the compiled kernel's output and mask, rebuilt from its seed
+            mask = _relu_dropout_in_place(h, ctx.p, ctx.seed)
+            a, scale = h, 1.0 / (1.0 - ctx.p)
+        elif mask is not None:  # torch's random numbers: the kept mask (kept and positive)
+            mask, scale = mask.reshape(h.shape), 1.0 / (1.0 - ctx.p)
+            a = h.mul_(mask).mul_(scale)
+        else:  # no dropout
+            mask = h > 0
             a = h.clamp_(min=0)
         g = grad_y.reshape(-1, grad_y.shape[-1])
         grad_w2 = g.t().mm(a)
         grad_b2 = g.sum(0) if ctx.has_b2 else None
         del a, h
-        grad_h = g.mm(w2).mul_(keep)
+        grad_h = linear_input_grad(g, w2, ctx.linear2).contiguous()
         if scale is not None:
-            grad_h.mul_(scale)
+            _scale_by_mask_(grad_h, mask, scale)
+        else:
+            grad_h.mul_(mask)
+        del mask
         x2 = x.reshape(-1, x.shape[-1])
         grad_w1 = grad_h.t().mm(x2)
         grad_b1 = grad_h.sum(0) if ctx.has_b1 else None
-        grad_x = grad_h.mm(w1).reshape(x.shape)
+        grad_x = linear_input_grad(grad_h, w1, ctx.linear1).reshape(x.shape)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 

@@ -22,11 +22,47 @@ constexpr size_t kHugePage = size_t(2) << 20;
 // a request may take a cached block up to 1/kMaxSlackDiv larger than its class (25 %)
 constexpr size_t kMaxSlackDiv = 4;
 
+// a block made of more pieces than this is not moved again (each piece is one mremap call and
+// one kernel mapping; the process may have at most vm.max_map_count, 65530 by default)
+constexpr size_t kMaxPieces = 64;
+
+// A block's pages: its byte length and the lengths of its consecutive pieces, each lying inside
+// one kernel mapping (a block moved together from several blocks spans several mappings, which
+// mremap cannot move in one call before Linux 6.17: it moves them piece by piece).
+struct Extent {
+  size_t size;  // bytes mapped (a class size, or the part of a split block)
+  std::vector<size_t> pieces;
+};
+
 struct CachedBlock {
   void* ptr;
-  size_t size;     // class size (bytes mapped)
+  Extent extent;
   uint64_t stamp;  // when it was freed: higher is more recent
+  size_t size() const { return extent.size; }
 };
+
+// The pieces of the first `at` bytes of `pieces` into `head`, of the rest into `tail`.
+void split_pieces(const std::vector<size_t>& pieces, size_t at, std::vector<size_t>* head,
+                  std::vector<size_t>* tail) {
+  size_t off = 0;
+  for (size_t len : pieces) {
+    if (off + len <= at) {
+      head->push_back(len);
+    } else if (off >= at) {
+      tail->push_back(len);
+    } else {
+      head->push_back(at - off);
+      tail->push_back(off + len - at);
+    }
+    off += len;
+  }
+}
+
+void* map_anonymous(void* at, size_t size, bool fixed) {
+  void* p = mmap(at, size, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | (fixed ? MAP_FIXED : 0), -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
 
 class BlockCache final : public c10::Allocator {
  public:
@@ -100,28 +136,26 @@ class BlockCache final : public c10::Allocator {
       int best = -1;
       for (size_t i = 0; i < cache_.size(); ++i) {
         const CachedBlock& b = cache_[i];
-        if (b.size < size || b.size > largest) continue;
-        if (best < 0 || b.size < cache_[best].size ||
-            (b.size == cache_[best].size && b.stamp > cache_[best].stamp)) {
+        if (b.size() < size || b.size() > largest) continue;
+        if (best < 0 || b.size() < cache_[best].size() ||
+            (b.size() == cache_[best].size() && b.stamp > cache_[best].stamp)) {
           best = static_cast<int>(i);
         }
       }
       if (best >= 0) {
-        void* p = cache_[best].ptr;
-        const size_t got = cache_[best].size;
-        cache_[best] = cache_.back();
-        cache_.pop_back();
-        cached_ -= got;
-        note_in_use_locked(p, got);
+        CachedBlock b = std::move(cache_[best]);
+        drop_cached_locked(best, b.size());
+        note_in_use_locked(b.ptr, std::move(b.extent));
         ++hits_;
-        return p;
+        return b.ptr;
       }
       ++misses_;
       huge = huge_pages_;
       if (!cache_.empty()) {
-        void* q = repurpose_locked(size, huge);
+        Extent granted;
+        void* q = repurpose_locked(size, huge, &granted);
         if (q != nullptr) {
-          note_in_use_locked(q, size);
+          note_in_use_locked(q, std::move(granted));
           ++repurposed_;
           return q;
         }
@@ -134,56 +168,96 @@ class BlockCache final : public c10::Allocator {
     }
     TORCH_CHECK(p != nullptr, "isda CPU block cache: cannot allocate ", size, " bytes (mmap failed)");
     std::lock_guard<std::mutex> g(mu_);
-    note_in_use_locked(p, size);
+    note_in_use_locked(p, Extent{size, {size}});
     return p;
   }
 
   // A miss while blocks of other classes sit idle: their resident pages serve the request
-  // instead of fresh ones, so the process grows only once the cache is empty (and page faults
-  // are saved). The smallest idle block larger than `size` is cut to it (its tail unmapped);
-  // if every idle block is smaller, idle blocks (largest first, while they fit) are moved
-  // into one new range of `size` bytes (mremap: the kernel moves their pages, nothing is
-  // copied), the rest of the range is faulted in on first touch. nullptr when nothing moved.
-  void* repurpose_locked(size_t size, bool huge) {
+  // instead of fresh ones, so the process grows only once the cache is empty, and no resident
+  // page is given back here (each one given back is faulted and zeroed again when the next
+  // iteration needs it). The smallest idle block larger than `size` is split: its first `size`
+  // bytes serve the request and its tail stays idle as a block of its own (a tail smaller than
+  // the large-block threshold goes with the request instead: no pieces that no request can
+  // take). If every idle block is smaller, idle blocks (largest first, while they fit) are
+  // moved into one new range of `size` bytes (mremap: the kernel moves their pages, nothing is
+  // copied), the rest of the range is faulted in on first touch. nullptr when nothing moved;
+  // `*granted` is the block's extent (at least `size` bytes).
+  void* repurpose_locked(size_t size, bool huge, Extent* granted) {
     int best = -1;
     for (size_t i = 0; i < cache_.size(); ++i) {
-      if (cache_[i].size > size && (best < 0 || cache_[i].size < cache_[best].size)) {
+      if (cache_[i].size() > size && (best < 0 || cache_[i].size() < cache_[best].size())) {
         best = static_cast<int>(i);
       }
     }
     if (best >= 0) {
-      const CachedBlock b = cache_[best];
-      drop_cached_locked(best);
-      munmap(static_cast<char*>(b.ptr) + size, b.size - size);  // class sizes are whole pages
-      return b.ptr;
+      CachedBlock& b = cache_[best];
+      void* p = b.ptr;
+      const size_t tail = b.size() - size;  // class sizes are whole pages
+      if (tail < static_cast<size_t>(min_bytes_)) {
+        *granted = std::move(b.extent);
+        drop_cached_locked(best, granted->size);
+      } else {  // the tail keeps the block's place (and its free time) in the cache
+        Extent rest{tail, {}};
+        granted->size = size;
+        split_pieces(b.extent.pieces, size, &granted->pieces, &rest.pieces);
+        cached_ -= size;
+        b.ptr = static_cast<char*>(p) + size;
+        b.extent = std::move(rest);
+      }
+      return p;
     }
     void* q = map_block(size, huge);
     if (q == nullptr) return nullptr;
+    granted->size = size;
+    granted->pieces.clear();
     size_t filled = 0;
     while (true) {
       int pick = -1;
       for (size_t i = 0; i < cache_.size(); ++i) {
-        if (cache_[i].size <= size - filled &&
-            (pick < 0 || cache_[i].size > cache_[pick].size)) {
+        const CachedBlock& c = cache_[i];
+        if (c.size() <= size - filled && c.extent.pieces.size() <= kMaxPieces &&
+            (pick < 0 || c.size() > cache_[pick].size())) {
           pick = static_cast<int>(i);
         }
       }
       if (pick < 0) break;
       const CachedBlock b = cache_[pick];
-      void* at = static_cast<char*>(q) + filled;
-      if (mremap(b.ptr, b.size, b.size, MREMAP_MAYMOVE | MREMAP_FIXED, at) == MAP_FAILED) break;
-      drop_cached_locked(pick);
-      filled += b.size;
+      drop_cached_locked(pick, b.size());
+      char* src = static_cast<char*>(b.ptr);
+      char* dst = static_cast<char*>(q) + filled;
+      size_t moved = 0;
+      for (size_t len : b.extent.pieces) {
+        if (mremap(src + moved, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst + moved) == MAP_FAILED) {
+          break;
+        }
+        granted->pieces.push_back(len);
+        moved += len;
+      }
+      if (moved < b.size()) {
+        // a move failed (e.g. the kernel's mapping count): the rest of the block goes back to
+        // the system and its place in the new block is mapped afresh (older kernels unmap the
+        // target range before they check the source, so it may be a hole now)
+        munmap(src + moved, b.size() - moved);
+        if (map_anonymous(dst + moved, b.size() - moved, /*fixed=*/true) == nullptr) {
+          munmap(q, size);
+          granted->pieces.clear();
+          return nullptr;
+        }
+        granted->pieces.push_back(b.size() - moved);
+      }
+      filled += b.size();
     }
     if (filled == 0) {
       munmap(q, size);
       return nullptr;
     }
+    if (filled < size) granted->pieces.push_back(size - filled);
     return q;
   }
 
-  void drop_cached_locked(int i) {
-    cached_ -= cache_[i].size;
+  // Removes cache_[i] (`size` bytes; given when the entry was moved from).
+  void drop_cached_locked(int i, size_t size) {
+    cached_ -= size;
     cache_[i] = cache_.back();
     cache_.pop_back();
   }
@@ -193,17 +267,17 @@ class BlockCache final : public c10::Allocator {
   // fewer TLB misses; the kernel aligns such mappings to 2 MB itself (Linux >= 6.7), and a
   // kernel with THP off or set to "never" ignores the advice.
   static void* map_block(size_t size, bool huge) {
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) return nullptr;
+    void* p = map_anonymous(nullptr, size, /*fixed=*/false);
+    if (p == nullptr) return nullptr;
 #ifdef MADV_HUGEPAGE
     if (huge && size >= kHugePage) madvise(p, size, MADV_HUGEPAGE);
 #endif
     return p;
   }
 
-  void note_in_use_locked(void* p, size_t size) {
-    live_[p] = size;
-    in_use_ += size;
+  void note_in_use_locked(void* p, Extent e) {
+    in_use_ += e.size;
+    live_[p] = std::move(e);
     peak_in_use_ = std::max(peak_in_use_, in_use_);
   }
 
@@ -214,10 +288,10 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> g(mu_);
       auto it = live_.find(p);
       if (it == live_.end()) return false;
-      size = it->second;
-      live_.erase(it);
+      size = it->second.size;
       in_use_ -= size;
-      cache_.push_back({p, size, ++clock_});
+      cache_.push_back({p, std::move(it->second), ++clock_});
+      live_.erase(it);
       cached_ += size;
       trim_locked(static_cast<size_t>(cache_limit_));
     }
@@ -237,8 +311,8 @@ class BlockCache final : public c10::Allocator {
       for (size_t i = 1; i < cache_.size(); ++i) {
         if (cache_[i].stamp < cache_[oldest].stamp) oldest = i;
       }
-      munmap(cache_[oldest].ptr, cache_[oldest].size);
-      cached_ -= cache_[oldest].size;
+      munmap(cache_[oldest].ptr, cache_[oldest].size());
+      cached_ -= cache_[oldest].size();
       cache_[oldest] = cache_.back();
       cache_.pop_back();
       ++released_;
@@ -249,7 +323,7 @@ class BlockCache final : public c10::Allocator {
   int64_t cache_limit_ = int64_t(1) << 30;
   bool huge_pages_ = false;
   std::vector<CachedBlock> cache_;
-  std::unordered_map<void*, size_t> live_;
+  std::unordered_map<void*, Extent> live_;
   size_t in_use_ = 0, cached_ = 0, peak_in_use_ = 0;
   uint64_t clock_ = 0;
   int64_t hits_ = 0, misses_ = 0, released_ = 0, repurposed_ = 0;

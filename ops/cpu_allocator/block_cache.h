@@ -7,9 +7,10 @@
 // time). This allocator keeps the two apart: blocks of at least `min_bytes` are mapped on their
 // own, rounded up to a size class (eighths of a power of two: at most 12.5 % slack), and kept
 // on free for the next request of that class or of a class up to 25 % smaller; a request of
-// another class takes the pages of idle blocks (one larger block cut to size, or smaller ones
-// moved together), so the process grows only when nothing idle is left; blocks idle in the
-// cache beyond `cache_limit` bytes go back to the system, least recently freed first.
+// another class takes the pages of idle blocks (one larger block split, its tail left idle, or
+// smaller ones moved together), so the process grows only when nothing idle is left and keeps
+// its resident pages; blocks idle in the cache beyond `cache_limit` bytes go back to the
+// system, least recently freed first.
 // Smaller blocks go to the allocator that was installed before (torch's default).
 #pragma once
 

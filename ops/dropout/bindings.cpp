@@ -12,9 +12,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "CPU dropout (optionally fused with a preceding ReLU) with a counter-based stream: "
         "(input, p, seed, relu) -> [output, uint8 mask]",
         py::arg("input"), py::arg("p"), py::arg("seed"), py::arg("relu") = false);
+  m.def("dropout_forward_", &isda::dropout_forward_inplace_cpu,
+        "dropout_forward writing the output into the (contiguous) input: (input, p, seed, relu) "
+        "-> uint8 mask",
+        py::arg("input"), py::arg("p"), py::arg("seed"), py::arg("relu") = false);
   m.def("dropout_mask", &isda::dropout_mask_cpu,
         "the uint8 mask of dropout_forward alone: (input, p, seed, relu) -> mask",
         py::arg("input"), py::arg("p"), py::arg("seed"), py::arg("relu") = false);
   m.def("dropout_backward", &isda::dropout_backward_cpu,
         "grad_output * mask * scale", py::arg("grad_output"), py::arg("mask"), py::arg("scale"));
+  m.def("dropout_backward_", &isda::dropout_backward_inplace_cpu,
+        "grad *= mask * scale, in place (grad contiguous)", py::arg("grad"), py::arg("mask"),
+        py::arg("scale"));
 }

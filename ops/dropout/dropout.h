@@ -42,10 +42,16 @@ std::vector<at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, i
                                             bool relu);
 
 // The mask of dropout_forward_cpu alone (no output).
+// In place: `input` (contiguous) becomes the output of dropout_forward_cpu; returns the mask.
+at::Tensor dropout_forward_inplace_cpu(const at::Tensor& input, double p, int64_t seed, bool relu);
+
 at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, int64_t seed, bool relu);
 
 // grad_input = grad_output * mask * scale.
 at::Tensor dropout_backward_cpu(const at::Tensor& grad_output, const at::Tensor& mask,
                                 double scale);
+
+// In place: `grad` (contiguous) becomes dropout_backward_cpu's result.
+void dropout_backward_inplace_cpu(const at::Tensor& grad, const at::Tensor& mask, double scale);
 
 }  // namespace isda
