@@ -3,6 +3,7 @@
 
     python benchmarks/profile_isda.py [--size 800x1216] [--threads 2] [--repeats 5]
     (= python benchmarks/isda_vs_maskrcnn.py --profile)
+    python benchmarks/profile_isda.py --inference-only --isda-opts MODEL.ISDA.TEST.PRECISION bf16
 
 Stages are timed with ``time.perf_counter`` by forward hooks on the submodules and by wrapping
 the stage functions, installed only for the measurement (the model carries no permanent
@@ -136,14 +137,15 @@ def format_table(title, stages):
     return "\n".join(lines)
 
 
-def run_profile(h, w, threads, repeats=5):
+def run_profile(h, w, threads, repeats=5, isda_opts=(), inference_only=False):
     set_threads(threads)
-    model, opt = build("isda")
+    model, opt = build("isda", isda_opts=isda_opts)
     sample = make_input(h, w)
-    for train in (False, True):
+    for train in (False,) if inference_only else (False, True):
         name = "training iteration" if train else "inference"
         stages = breakdown(model, opt, sample, train, repeats)
-        print(format_table(f"ISDA-R50 {name}, {h}x{w}, {threads} threads, median of {repeats}",
+        opts = f", {' '.join(map(str, isda_opts))}" if isda_opts else ""
+        print(format_table(f"ISDA-R50 {name}, {h}x{w}, {threads} threads{opts}, median of {repeats}",
                            stages), flush=True)
         print()
 
@@ -153,8 +155,12 @@ def main(argv=None):
     p.add_argument("--size", default="800x1216", help="input HxW (default 800x1216)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
+    p.add_argument("--isda-opts", nargs="*", default=[],
+                   help="KEY VALUE overrides of ISDA's config, e.g. MODEL.ISDA.TEST.PRECISION bf16")
+    p.add_argument("--inference-only", action="store_true", help="skip the training breakdown")
     args = p.parse_args(argv)
-    run_profile(*parse_size(args.size), args.threads, args.repeats)
+    run_profile(*parse_size(args.size), args.threads, args.repeats, args.isda_opts,
+                args.inference_only)
 
 
 if __name__ == "__main__":
