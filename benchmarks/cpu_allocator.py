@@ -2,8 +2,9 @@
 """CPU memory policies (isda/utils/cpu_allocator.py) side by side on ISDA-R50 training steps:
 step time and peak RSS for glibc's heap with mmap off ("keep"), the large-block cache with a
 limit of 0 MB (every large block mapped afresh, as glibc's default does above its threshold) and
-the cache at other limits (default 256 and 512 MB), each with 4 KB pages and with transparent
-huge pages advised for its blocks ("+thp", ISDA_CPU_CACHE_HUGEPAGES).
+the cache at other limits (default 512 and 2048 MB: the former and the current default), each
+with 4 KB pages and with transparent huge pages advised for its blocks ("+thp",
+ISDA_CPU_CACHE_HUGEPAGES).
 
     python benchmarks/cpu_allocator.py                          # 800x1216, 2 threads
     python benchmarks/cpu_allocator.py --quick                  # 512x768, fewer rounds
@@ -106,8 +107,8 @@ def main(argv=None):
                    help="which model trains (default: isda, ISDA-R50)")
     p.add_argument("--size", default=None, help="HxW (default 800x1216, --quick 512x768)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--limits", type=int, nargs="+", default=[0, 256, 512],
-                   help="cache limits in MB to compare with keep (default: 0 256 512)")
+    p.add_argument("--limits", type=int, nargs="+", default=[0, 512, 2048],
+                   help="cache limits in MB to compare with keep (default: 0 512 2048)")
     p.add_argument("--huge-pages", choices=("on", "off", "both"), default="both",
                    help="cache policies with transparent huge pages advised, without, or both "
                         "(default)")

@@ -7,7 +7,12 @@
 Cases: ReLU + dropout of the FFN hidden state (torch: ``F.dropout(F.relu(x))``; ISDA: the fused
 ``relu_dropout``) and plain dropout of a residual branch, each forward only and forward +
 backward, p = 0.1 (the paper's), alternating the implementations, median of ``--repeats``.
-Outputs are written into fresh tensors, as in training. The last stdout line is one JSON object.
+Outputs are written into fresh tensors, as in training. A third case times what the
+feed-forward block's backward pass does with the recomputed hidden state and the hidden
+state's gradient: before, the mask rebuilt from the seed (``dropout_mask``), then
+``mul_(mask).mul_(scale)`` on each (the uint8 mask promoted to float in a temporary copy);
+now ``dropout_forward_`` and ``dropout_backward_`` in place ("ffn_backward", on fresh copies
+of both tensors in either form). The last stdout line is one JSON object.
 """
 import json
 import sys
@@ -22,7 +27,7 @@ from side_by_side import alternating_medians, layer_benchmark_args, report_pair 
 
 def main(argv=None):
     args = layer_benchmark_args(__doc__, argv)
-    from isda.layers.dropout import dropout, fast_dropout_available, relu_dropout
+    from isda.layers.dropout import _extension, dropout, fast_dropout_available, relu_dropout
 
     tokens = 4096 if args.quick else 20197
     repeats = args.repeats or (5 if args.quick else 15)
@@ -49,6 +54,22 @@ def main(argv=None):
             med = alternating_medians({"torch": lambda: run(torch_fn), "isda": lambda: run(isda_fn)},
                                       repeats)
             report_pair(report, f"{name}_{mode}", med, "torch", "isda", f"{name:13s} {mode:7s}")
+    ext = _extension()
+    h0, g0, p, seed = hidden.detach(), torch.randn_like(hidden), 0.1, 12345
+
+    def mask_then_multiply():
+        h, g = h0.clone(), g0.clone()
+        mask = ext.dropout_mask(h, p, seed, True)
+        h.mul_(mask).mul_(1 / (1 - p))
+        g.mul_(mask).mul_(1 / (1 - p))
+
+    def in_place():
+        h, g = h0.clone(), g0.clone()
+        mask = ext.dropout_forward_(h, p, seed, True)
+        ext.dropout_backward_(g, mask, 1 / (1 - p))
+
+    med = alternating_medians({"mask_then_mul": mask_then_multiply, "in_place": in_place}, repeats)
+    report_pair(report, "ffn_backward", med, "mask_then_mul", "in_place", "ffn_backward         ")
     print(json.dumps(report))
 
 

@@ -6,7 +6,10 @@
 
 For each of the encoder's layer shapes (256->1024, 1024->256, 256->256, 256->128): forward, and
 forward + backward (input, weight and bias gradients), median of ``--repeats``, alternating the
-two implementations. The last stdout line is one JSON object.
+implementations. Forward + backward also times the convolution's own autograd
+(``conv_backward``: oneDNN's convolution backward, TokenLinear's backward before it computed
+the input gradient as a oneDNN product with the transposed weight and the weight gradient as
+one ``mm``). The last stdout line is one JSON object.
 """
 import json
 import sys
@@ -23,7 +26,7 @@ SHAPES = ((256, 1024), (1024, 256), (256, 256), (256, 128))
 
 def main(argv=None):
     args = layer_benchmark_args(__doc__, argv)
-    from isda.layers.token_linear import _use_onednn, token_linear
+    from isda.layers.token_linear import _onednn_linear, _use_onednn, token_linear
 
     tokens = 4096 if args.quick else 20197
     repeats = args.repeats or (5 if args.quick else 11)
@@ -36,8 +39,10 @@ def main(argv=None):
         gy = torch.randn(tokens, c_out, generator=g)
         if not _use_onednn(x):
             raise SystemExit("oneDNN path unavailable (no mkldnn in this torch, or disabled)")
-        impls = {"linear": F.linear, "token_linear": token_linear}
         for mode in ("fwd", "fwdbwd"):
+            impls = {"linear": F.linear, "token_linear": token_linear}
+            if mode == "fwdbwd":
+                impls["conv_backward"] = _onednn_linear
             def run(fn, mode=mode, x=x, w=w, b=b, gy=gy):
                 if mode == "fwd":
                     with torch.no_grad():
@@ -49,6 +54,9 @@ def main(argv=None):
                                       repeats, warmup=2)
             report_pair(report, f"{c_in}x{c_out}_{mode}", med, "linear", "token_linear",
                         f"{c_in:5d} -> {c_out:5d} {mode:7s}")
+            if mode == "fwdbwd":
+                report_pair(report, f"{c_in}x{c_out}_{mode}_vs_conv", med, "conv_backward",
+                            "token_linear", f"{c_in:5d} -> {c_out:5d} {mode:7s}")
     print(json.dumps(report))
 
 

@@ -37,9 +37,12 @@ __all__ = ["apply_allocator_policy", "allocator_policy", "block_cache_stats", "P
            "DEFAULT_CACHE_MB"]
 
 POLICIES = ("cache", "keep", "system")
-#: idle large blocks kept for reuse (MB): above ISDA-R50's per-iteration turnover of blocks that
-#: are freed early and needed again late in a training step at 800x1216
-DEFAULT_CACHE_MB = 512
+#: idle large blocks kept for reuse (MB): above ISDA-R50's per-iteration turnover of large
+#: blocks at 800x1216 (about 1.2 GB freed at the end of a training step and needed again in the
+#: next), so a step faults in almost no pages; the peak is not raised by it, as a request of
+#: another size takes idle blocks' pages first (docs/benchmarks.md: 512 MB cost 5-15 % of a step
+#: in page faults for the same peak within 1.5 %)
+DEFAULT_CACHE_MB = 2048
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _applied = None
