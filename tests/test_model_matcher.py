@@ -130,3 +130,32 @@ def test_matching_kernels_equals_matching_their_dense_masks():
     lazy = m(logits, kernels, feats, targets)
     for (q1, g1), (q2, g2) in zip(dense, lazy):
         assert torch.equal(q1, q2) and torch.equal(g1, g2)
+
+
+def test_soft_ious_of_several_query_sets_equal_dense_float64():
+    """HungarianMatcher.soft_ious (all sets of an image in one chunked product) against the
+    dense float64 formula per set; an image without targets gives None; matching with them
+    gives the matcher's own result."""
+    from isda.modeling.matcher import HungarianMatcher
+
+    g = torch.Generator().manual_seed(8)
+    sets = [torch.randn(2, q, 6, generator=g, dtype=torch.float64) for q in (5, 7, 3)]
+    feats = torch.randn(2, 6, 9, 11, generator=g, dtype=torch.float64)
+    feats = feats.contiguous(memory_format=torch.channels_last)
+    masks = (torch.rand(4, 9, 11, generator=g) > 0.5).to(torch.float64)
+    targets = [{"labels": torch.tensor([0, 1, 1, 2]), "masks": masks},
+               {"labels": torch.tensor([], dtype=torch.int64), "masks": torch.zeros(0, 9, 11)}]
+    m = HungarianMatcher()
+    out = m.soft_ious(sets, feats, targets, chunk=10)
+    t = masks.flatten(1)
+    for j, k in enumerate(sets):
+        prob = 1 / (1 + torch.exp(-(k[0] @ feats[0].reshape(6, -1))))
+        inter = prob @ t.t()
+        ref = inter / (prob.sum(1)[:, None] + t.sum(1)[None] - inter)
+        torch.testing.assert_close(out[j][0].double(), ref, rtol=1e-6, atol=1e-6)
+        assert out[j][1] is None
+        logits = torch.randn(2, k.shape[1], 3, generator=g)
+        with_ious = m(logits, k.float(), feats.float(), targets, ious=out[j])
+        own = m(logits, k.float(), feats.float(), targets)
+        for (q1, g1), (q2, g2) in zip(with_ious, own):
+            assert torch.equal(q1, q2) and torch.equal(g1, g2)

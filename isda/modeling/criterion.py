@@ -135,11 +135,15 @@ class SetCriterion(nn.Module):
         loss_dice = dice_loss(src_masks, tgt_masks).sum() / num_inst
         return {"loss_focal": self.focal_weight * loss_focal, "loss_dice": self.dice_weight * loss_dice}
 
-    def _match(self, logits, kernels, mask_features, targets, repeats, layer, loss_names):
+    def _match(self, logits, kernels, mask_features, targets, repeats, layer, loss_names,
+               ious=None):
         where = f"decoder layer {layer}" if isinstance(layer, int) else f"the {layer}"
         try:
+            if ious is None:  # matchers without precomputed IoUs
+                return self.matcher(logits.float(), kernels.detach(), mask_features.detach(),
+                                    targets, repeats=repeats)
             return self.matcher(logits.float(), kernels.detach(), mask_features.detach(), targets,
-                                repeats=repeats)
+                                repeats=repeats, ious=ious)
         except ValueError as e:
             # finite but extreme outputs can still overflow inside the matching cost
             if "invalid numeric entries" not in str(e):
@@ -185,9 +189,13 @@ class SetCriterion(nn.Module):
         # NaN / inf outputs (e.g. after a step with an absurd learning rate) stop training here
         # with their names, not inside scipy's assignment solver
         check_finite(outputs, "model outputs before Hungarian matching", loss_names)
+        # the soft mask IoUs of all jobs in one product per image, when the matcher offers it
+        soft_ious = getattr(self.matcher, "soft_ious", None)
+        ious = (soft_ious([j[2].detach() for j in jobs], mask_features.detach(), targets)
+                if soft_ious is not None else [None] * len(jobs))
         all_indices = [self._match(logits, kernels, mask_features, targets, repeats, layer,
-                                   loss_names)
-                       for _, logits, kernels, repeats, layer in jobs]
+                                   loss_names, job_ious)
+                       for (_, logits, kernels, repeats, layer), job_ious in zip(jobs, ious)]
         if groups == 1 and encoder_outputs is None:
             kernels = all_kernels[layers]
         else:
