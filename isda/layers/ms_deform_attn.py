@@ -247,21 +247,24 @@ class _SampledAttention(Function):
             _masked(grad_value.reshape(input_flatten.shape), padding_mask), input_flatten, w_v,
             ctx.has_bias[2], value_proj)
         del grad_value
-        # locations = ref + offsets * inv_size: d offsets = d locations * inv_size
-        g_off = (grad_loc.reshape(ref_rows.shape[0], m, -1) * inv_size).reshape(n * lq, -1)
+        # locations = ref + offsets * inv_size: d offsets = d locations * inv_size, a per-column
+        # scale s; it is applied to the [C_off, C] products below (s_j scales row j of
+        # w_off, of grad w_off and grad b_off) instead of to the [rows, C_off] gradient
+        g_loc = grad_loc.reshape(n * lq, -1)
+        s_off = inv_size.reshape(-1).repeat(m).to(g_loc.dtype)                  # [C_off]
         del grad_loc
         # softmax over each head's L * P weights: d logits = w * (d w - sum(d w * w))
         w = attn_c.view(n * lq, m, l * p)
         ga = grad_attn.view(n * lq, m, l * p)
         g_att = (ga - (ga * w).sum(-1, keepdim=True)).mul_(w).reshape(n * lq, -1)
         del grad_attn, ga
-        q2 = q.reshape(n * lq, -1).to(g_off.dtype)
-        grad_q = linear_input_grad(g_off, w_off.to(g_off.dtype), linear_off)
+        q2 = q.reshape(n * lq, -1).to(g_loc.dtype)
+        grad_q = linear_input_grad(g_loc, w_off.to(g_loc.dtype) * s_off[:, None], linear_off)
         grad_q = grad_q.add_(linear_input_grad(g_att, w_att.to(g_att.dtype), linear_att))
         grad_q = grad_q.reshape(query.shape).to(dq)
-        grad_w_off = g_off.t().mm(q2).to(d_off)
+        grad_w_off = g_loc.t().mm(q2).mul_(s_off[:, None]).to(d_off)
         grad_w_att = g_att.t().mm(q2).to(d_att)
-        grad_b_off = g_off.sum(0).to(d_off) if ctx.has_bias[0] else None
+        grad_b_off = (g_loc.sum(0) * s_off).to(d_off) if ctx.has_bias[0] else None
         grad_b_att = g_att.sum(0).to(d_att) if ctx.has_bias[1] else None
         return (grad_q, grad_q, grad_w_off, grad_b_off, grad_w_att, grad_b_att, None, None,
                 grad_input.to(dq), grad_w_v.to(dv), None if grad_b_v is None else grad_b_v.to(dv),

@@ -40,16 +40,20 @@ class ActivationDropout(nn.Module):
         return f"activation={self.activation}"
 
 
-def _relu_dropout_with_mask(h, p, seed=None):
+def _relu_dropout_with_mask(h, p, seed=None, in_place=False):
     """``dropout(relu(h))``, its uint8 mask (1 where the value is kept and positive) and the
     seed that regenerates the mask from ``h`` (None: keep the mask). The compiled
     counter-based kernel on the CPU when built (the mask is a function of the seed, the element
-    index and the sign of ``h``), else torch's random numbers."""
+    index and the sign of ``h``), else torch's random numbers. ``in_place``: ``h`` (a temporary
+    of the caller) may be overwritten with the output by the compiled kernel."""
     from ..layers.dropout import _draw_seed, _extension, fast_dropout_available
 
     if fast_dropout_available(h):
         seed = _draw_seed() if seed is None else seed
-        out, mask = _extension().dropout_forward(h.contiguous(), p, seed, True)
+        ext = _extension()
+        if in_place and h.is_contiguous() and hasattr(ext, "dropout_forward_"):
+            return h, ext.dropout_forward_(h, p, seed, True), seed
+        out, mask = ext.dropout_forward(h.contiguous(), p, seed, True)
         return out, mask, seed
     mask = ((torch.rand_like(h) >= p) & (h > 0)).to(torch.uint8)
     return h * mask * (1.0 / (1.0 - p)), mask, None
@@ -95,7 +99,7 @@ class _ReluFeedForward(Function):
         h = linear1(x)
         mask = seed = None
         if p > 0:
-            a, mask, seed = _relu_dropout_with_mask(h, p)
+            a, mask, seed = _relu_dropout_with_mask(h, p, in_place=True)  # h: our temporary
             if seed is not None:
                 mask = None  # regenerated in the backward pass
         else:
