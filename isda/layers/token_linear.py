@@ -12,7 +12,7 @@ initialisation); it takes the convolution path for float32 or bfloat16 CPU input
 ``MIN_ROWS`` rows when oneDNN is available, and ``F.linear`` otherwise (GPU, small inputs,
 other dtypes). In training its backward pass computes the input's gradient the same way (a
 product with the transposed weight, :func:`linear_input_grad`) and the weight's with ``mm``
-(oneDNN's own convolution backward was about 2x slower than the two products here). The model
+(oneDNN's own convolution backward was 1.3-1.6x slower than the two products here). The model
 uses it only after :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths`
 (config key ``MODEL.CPU_FAST_PATHS``).
 
