@@ -44,35 +44,24 @@ def _relu_dropout_with_mask(h, p, seed=None, in_place=False):
     """``dropout(relu(h))``, its uint8 mask (1 where the value is kept and positive) and the
     seed that regenerates the mask from ``h`` (None: keep the mask). The compiled
     counter-based kernel on the CPU when built (the mask is a function of the seed, the element
-    index and the sign of ``h``), else torch's random numbers. ``in_place``: ``h`` (a temporary
-    of the caller) may be overwritten with the output by the compiled kernel."""
+    index and the sign of ``h``), else torch's random numbers. ``in_place``: with the compiled
+    kernel a contiguous ``h`` (a temporary of the caller) becomes the output (no second
+    [rows, d_ffn] tensor; the backward pass rebuilds the forward's output this way from ``seed``)."""
     from ..layers.dropout import _draw_seed, _extension, fast_dropout_available
 
     if fast_dropout_available(h):
         seed = _draw_seed() if seed is None else seed
         ext = _extension()
-        if in_place and h.is_contiguous() and hasattr(ext, "dropout_forward_"):
-            return h, ext.dropout_forward_(h, p, seed, True), seed
+        if in_place and h.is_contiguous():
+            if hasattr(ext, "dropout_forward_"):
+                return h, ext.dropout_forward_(h, p, seed, True), seed
+            if hasattr(ext, "dropout_mask"):  # an extension built before the in-place kernel
+                mask = ext.dropout_mask(h, p, seed, True)
+                return h.mul_(mask).mul_(1.0 / (1.0 - p)), mask, seed
         out, mask = ext.dropout_forward(h.contiguous(), p, seed, True)
         return out, mask, seed
     mask = ((torch.rand_like(h) >= p) & (h > 0)).to(torch.uint8)
     return h * mask * (1.0 / (1.0 - p)), mask, None
-
-
-def _relu_dropout_in_place(h, p, seed):
-    """``h`` (contiguous [rows, d_ffn]) becomes ``dropout(relu(h))`` of the compiled kernel with
-    ``seed`` (the forward pass's output, rebuilt in place: no second [rows, d_ffn] tensor beside
-    the recomputed hidden state); returns the uint8 mask."""
-    from ..layers.dropout import _extension
-
-    ext = _extension()
-    if hasattr(ext, "dropout_forward_"):
-        return ext.dropout_forward_(h, p, seed, True)
-    # an extension built before the in-place kernel: the mask, then the product
-    mask = (ext.dropout_mask(h, p, seed, True) if hasattr(ext, "dropout_mask")
-            else ext.dropout_forward(h, p, seed, True)[1])
-    h.mul_(mask).mul_(1.0 / (1.0 - p))
-    return mask
 
 
 def _scale_by_mask_(grad, mask, scale):
@@ -120,8 +109,8 @@ class _ReluFeedForward(Function):
         h = h.reshape(-1, h.shape[-1]).contiguous()
         scale = None
         if ctx.seed is not None:  # the compiled kernel's output and mask, rebuilt from its seed
-            mask = _relu_dropout_in_place(h, ctx.p, ctx.seed)
-            a, scale = h, 1.0 / (1.0 - ctx.p)
+            a, mask, _ = _relu_dropout_with_mask(h, ctx.p, ctx.seed, in_place=True)
+            scale = 1.0 / (1.0 - ctx.p)
         elif mask is not None:  # torch's random numbers: the kept mask (kept and positive)
             mask, scale = mask.reshape(h.shape), 1.0 / (1.0 - ctx.p)
             a = h.mul_(mask).mul_(scale)
