@@ -5,6 +5,12 @@ reference-point layer) come from ``SOLVER.BACKBONE_MULTIPLIER``,
 ``SOLVER.SAMPLING_OFFSET_MULTIPLIER`` and ``SOLVER.REFERENCE_POINT_MULTIPLIER``.
 ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"`` clips the global L2 norm of all gradients
 (Detectron2 v0.6 only clips per parameter).
+
+AdamW runs torch's fused implementation (one kernel per parameter for the whole update) where
+torch has it for the parameters' device (CPU since torch 2.4, CUDA): the same update up to
+float rounding, and on the CPU 3x faster than the per-parameter loop torch uses by default
+there (ISDA-R50's 326 tensors: 80 -> 26 ms per step, ``benchmarks/optimizer_step.py``). Older
+torch builds keep the default implementation.
 """
 from typing import Any, Dict, List
 
@@ -44,11 +50,30 @@ def _full_model_clipping(optim_cls, clip_norm: float):
     return FullModelGradientClipping
 
 
+def fused_adamw_supported(params) -> bool:
+    """Whether this torch has a fused AdamW for ``params`` (all floating point, on one device
+    type torch's fused kernels cover): probed by building one on an empty copy of a parameter."""
+    params = list(params)
+    if not params or not all(p.is_floating_point() for p in params):
+        return False
+    devices = {p.device.type for p in params}
+    if len(devices) != 1:
+        return False
+    probe = torch.zeros(1, dtype=params[0].dtype, device=params[0].device, requires_grad=True)
+    try:
+        torch.optim.AdamW([probe], fused=True)
+    except (RuntimeError, ValueError, TypeError):  # older torch, or a device without the kernel
+        return False
+    return True
+
+
 def build_isda_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(cfg, model)
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {"betas": (0.9, 0.999)}
+        if fused_adamw_supported(p for g in groups for p in g["params"]):
+            kwargs["fused"] = True
     elif name == "SGD":
         optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
     else:
