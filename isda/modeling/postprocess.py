@@ -1,8 +1,8 @@
 """NMS-free inference: top-k (query, class) pairs -> scored binary masks at the original size.
 
 Two code paths with the same results, chosen by device (:func:`prefers_channels_last`): on the
-CPU, channels-last upsampling and a per-mask windowed resize; on the GPU, the natural layout
-and one batched resize per chunk of masks (no per-mask Python loop, no per-mask host syncs).
+CPU, every mask upsampled and resized on its own window; on the GPU, batched calls per chunk of
+masks (no per-mask Python loop, no per-mask host syncs).
 """
 import math
 from typing import Optional
@@ -15,9 +15,8 @@ from detectron2.structures import Boxes, Instances
 
 def prefers_channels_last(device) -> bool:
     """Whether ISDA's CPU-tuned layouts and loops apply on ``device``: channels-last images for
-    the backbone (oneDNN convolutions) and for the mask upsampling (vectorised over the masks),
-    and the per-mask windowed resize in post-processing. True on the CPU only; CUDA uses the
-    natural (contiguous NCHW) layout and batched kernels."""
+    the backbone (oneDNN convolutions) and the per-mask windows in post-processing. True on the
+    CPU only; CUDA uses the natural (contiguous NCHW) layout and batched kernels."""
     return torch.device(device).type == "cpu"
 
 
@@ -81,19 +80,18 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
-    Masks are processed in chunks of at most ``min(chunk_pixels, 2**23)`` upsampled pixels. Each chunk is
-    upsampled by ``mask_stride`` (one bilinear call, vectorised over the masks)
-    only on the window around its pixels above the threshold: bilinear values never exceed
-    their source pixels, and with an integer factor the window's values are bit-identical to
-    those of the full upsampling. The resize to the original size is skipped when it is the
-    input size (a same-size bilinear resize is the identity), else it is evaluated on the
-    window where the result can exceed the threshold. Memory beyond the returned boolean
-    masks is one chunk.
+    Each mask is upsampled by ``mask_stride`` only on the window around its pixels above the
+    threshold: bilinear values never exceed their source pixels, and with an integer factor the
+    window's values are bit-identical to those of the full upsampling. The resize to the
+    original size is skipped when it is the input size (a same-size bilinear resize is the
+    identity), else it is evaluated on the window where the result can exceed the threshold.
 
-    ``cpu_paths`` (default: :func:`prefers_channels_last` of the masks' device): True upsamples
-    a channels-last chunk and resizes mask by mask on each mask's own window (fastest on the
-    CPU); False keeps the natural layout and resizes the whole chunk in one batched call on the
-    union of the masks' windows (fastest on the GPU). Both give the same masks.
+    ``cpu_paths`` (default: :func:`prefers_channels_last` of the masks' device): True handles
+    mask by mask, each on its own window (:func:`_paste_each_mask`: work in proportion to the
+    masks' areas, fastest on the CPU); False handles chunks of at most ``min(chunk_pixels,
+    2**23)`` upsampled pixels in batched calls on the union of their masks' windows
+    (:func:`_paste_chunks`: no per-mask host syncs, fastest on the GPU; memory beyond the
+    returned boolean masks is one chunk). Both give the same masks and boxes.
     """
     if cpu_paths is None:
         cpu_paths = prefers_channels_last(mask_logits.device)
@@ -108,6 +106,90 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     boxes = torch.zeros(topk, 4, dtype=torch.float32, device=probs.device)
     rows_any, cols_any = binary.any(2), binary.any(1)
     margin = 1 if identity else 2  # source pixels of exact values around the thresholded area
+    if cpu_paths:
+        _paste_each_mask(probs, rows_any, cols_any, s, margin, (h_in, w_in), (out_h, out_w),
+                         mask_threshold, out_masks, boxes)
+    else:
+        _paste_chunks(probs, rows_any, cols_any, s, margin, (h_in, w_in), (out_h, out_w),
+                      mask_threshold, out_masks, boxes, chunk_pixels)
+    result = Instances((out_h, out_w))
+    result.pred_masks = out_masks
+    result.scores = final
+    result.pred_classes = classes
+    result.pred_boxes = Boxes(boxes)
+    return result
+
+
+def _first_last(any_mask):
+    """[T, n] bool -> (first [T], last [T]) True index per row as Python lists (last < first
+    for a row without any)."""
+    n = any_mask.shape[1]
+    as_int = any_mask.to(torch.uint8)
+    first = as_int.argmax(1)
+    last = n - 1 - as_int.flip(1).argmax(1)
+    last = torch.where(any_mask.any(1), last, first - 1)
+    return first.tolist(), last.tolist()
+
+
+def _paste_each_mask(probs, rows_any, cols_any, s, margin, image_size, size, threshold,
+                     out_masks, boxes):
+    """The CPU path: every mask upsampled on its own window (its pixels above ``threshold``
+    widened by ``margin`` source pixels: bilinear values never exceed their source pixels, and
+    with an integer factor the window's values are bit-identical to those of the full
+    upsampling), then thresholded into ``out_masks`` [T, H, W] (output size = input size) or
+    resized to the original size on its own output window (:func:`_resize_window`). Boxes come
+    from the window's row and column maxima (no pass over the boolean output)."""
+    (h, w), (h_in, w_in) = probs.shape[-2:], image_size
+    identity = tuple(size) == (h_in, w_in)
+    r_first, r_last = _first_last(rows_any)
+    c_first, c_last = _first_last(cols_any)
+    for j in range(probs.shape[0]):
+        if r_last[j] < r_first[j]:
+            continue
+        ra, rb = max(r_first[j] - margin, 0), min(r_last[j] + margin, h - 1)
+        ca, cb = max(c_first[j] - margin, 0), min(c_last[j] + margin, w - 1)
+        y0, x0 = ra * s, ca * s
+        y1, x1 = min((rb + 1) * s, h_in), min((cb + 1) * s, w_in)
+        if y1 <= y0 or x1 <= x0:  # only padding
+            continue
+        crop = probs[j, ra:rb + 1, ca:cb + 1][None, None]
+        up = F.interpolate(crop, size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
+                           align_corners=False)[0, 0, :y1 - y0, :x1 - x0]
+        if identity:
+            torch.gt(up, threshold, out=out_masks[j, y0:y1, x0:x1])
+            _box_from_window(up, threshold, (y0, x0), boxes[j])
+            continue
+        window = _resize_window(up, size, threshold, (y0, x0), (h_in, w_in))
+        if window is None:
+            continue
+        (wy, wx), win = window
+        out_masks[j, wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
+        if win.any():
+            boxes[j] = masks_to_boxes(win[None])[0] + torch.tensor(
+                [wx, wy, wx, wy], dtype=torch.float32, device=boxes.device)
+
+
+def _box_from_window(values, threshold, origin, box):
+    """Tight box (x0, y0, x1 + 1, y1 + 1) of ``values > threshold`` ([h, w] at ``origin``
+    (y, x)) written into ``box`` [4]; left as it is when nothing exceeds the threshold."""
+    rows = values.amax(1) > threshold
+    cols = values.amax(0) > threshold
+    r = torch.nonzero(rows).flatten()
+    if r.numel() == 0:
+        return
+    c = torch.nonzero(cols).flatten()
+    y0, x0 = origin
+    box.copy_(torch.tensor([x0 + int(c[0]), y0 + int(r[0]), x0 + int(c[-1]) + 1,
+                            y0 + int(r[-1]) + 1], dtype=box.dtype))
+
+
+def _paste_chunks(probs, rows_any, cols_any, s, margin, image_size, size, threshold, out_masks,
+                  boxes, chunk_pixels):
+    """The GPU path: chunks of masks upsampled in one call each on the union of their windows
+    (see :func:`_paste_each_mask`), then thresholded (output size = input size) or resized in
+    one batched call per chunk (:func:`_resize_chunk`); no per-mask host syncs."""
+    topk, (h, w), (h_in, w_in) = probs.shape[0], probs.shape[-2:], image_size
+    identity = tuple(size) == (h_in, w_in)
     # at most 8M upsampled pixels (32 MB of floats) per chunk whatever ``chunk_pixels`` says:
     # larger chunks gain no speed but add to the inference peak memory
     chunk = max(1, min(chunk_pixels, 1 << 23) // (h * w * s * s))
@@ -122,25 +204,14 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
         if y1 <= y0 or x1 <= x0:  # only padding
             continue
         crop = probs[None, c0:c1, ra:rb + 1, ca:cb + 1]
-        if cpu_paths:
-            crop = crop.contiguous(memory_format=torch.channels_last)
         up = F.interpolate(crop, size=((rb - ra + 1) * s, (cb - ca + 1) * s), mode="bilinear",
                            align_corners=False)[0, :, :y1 - y0, :x1 - x0]
         if identity:
-            _paste_thresholded(up, mask_threshold, (y0, x0), out_masks[c0:c1], boxes[c0:c1])
-        elif cpu_paths:
-            _paste_resized_per_mask(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
-                                    out_masks[c0:c1], boxes[c0:c1])
+            _paste_thresholded(up, threshold, (y0, x0), out_masks[c0:c1], boxes[c0:c1])
         else:
-            _resize_chunk(up, (out_h, out_w), mask_threshold, (y0, x0), (h_in, w_in),
-                          out_masks[c0:c1], boxes[c0:c1])
+            _resize_chunk(up, size, threshold, (y0, x0), (h_in, w_in), out_masks[c0:c1],
+                          boxes[c0:c1])
         del crop, up  # not alive while the next chunk is upsampled
-    result = Instances((out_h, out_w))
-    result.pred_masks = out_masks
-    result.scores = final
-    result.pred_classes = classes
-    result.pred_boxes = Boxes(boxes)
-    return result
 
 
 def _score_and_sort(cls_scores, classes, mask_logits, mask_threshold):
@@ -165,19 +236,6 @@ def _paste_thresholded(up, threshold, origin, out_masks, boxes):
     b[:, [0, 2]] += x0
     b[:, [1, 3]] += y0
     boxes.copy_(torch.where(nonempty[:, None], b, boxes))
-
-
-def _paste_resized_per_mask(up, size, threshold, origin, full_size, out_masks, boxes):
-    """The CPU path of the resize to the original size: mask by mask, each on its own window."""
-    for j in range(up.shape[0]):
-        window = _resize_window(up[j], size, threshold, origin, full_size)
-        if window is None:
-            continue
-        (wy, wx), win = window
-        out_masks[j, wy:wy + win.shape[0], wx:wx + win.shape[1]] = win
-        if win.any():
-            boxes[j] = masks_to_boxes(win[None])[0] + torch.tensor(
-                [wx, wy, wx, wy], dtype=torch.float32, device=boxes.device)
 
 
 def _output_window(rows, cols, size, origin, full_size):
