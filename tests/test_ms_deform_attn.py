@@ -376,3 +376,46 @@ def test_extension_direct_calls_upcast_and_check():
         _C.ms_deform_attn_forward(value, shapes, starts, loc.float(), attn)
     with pytest.raises(RuntimeError, match="attention_weights"):
         _C.ms_deform_attn_forward(value, shapes, starts, loc, attn[..., :1])
+
+
+@pytest.mark.parametrize("D", [32, 6])  # the register-accumulated and the generic channel loop
+@pytest.mark.parametrize("attn_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_value_read_as_is_by_the_cpu_forward(monkeypatch, D, attn_dtype):
+    """bf16 inference: the encoder's bf16 value projection goes to the CPU kernel without a
+    float32 copy, with the results of that copy (bf16 -> float32 is exact) bit for bit, and
+    close to the float64 reference on the bf16-rounded values."""
+    from isda import _C
+
+    value, shapes, starts, loc, attn = _inputs([(9, 7), (4, 3)], N=1, Lq=40, M=2, D=D, P=3,
+                                               seed=11)
+    value_bf16 = value.to(torch.bfloat16)
+    loc32, attn_in = loc.float(), attn.to(attn_dtype)
+    want = _C.ms_deform_attn_forward(value_bf16.float(), shapes, starts, loc32, attn_in.float())
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(_C, name)
+            if name != "ms_deform_attn_forward":
+                return real
+
+            def forward(v, *args):
+                seen.append(v.dtype)
+                return real(v, *args)
+            return forward
+
+    monkeypatch.setattr(msda, "load_extension", lambda: Spy())
+    with set_backend("compiled"), torch.no_grad():
+        got = ms_deform_attn(value_bf16, shapes, starts, loc32, attn_in)
+    assert seen == [torch.bfloat16]  # no float32 copy of the value was made
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    ref = ms_deform_attn_reference(value_bf16.double(), shapes, starts, loc,
+                                   attn_in.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # direct call: float32 output; other mixed combinations are still refused by name
+    direct = _C.ms_deform_attn_forward(value_bf16, shapes, starts, loc32, attn_in.float())
+    assert direct.dtype == torch.float32 and torch.equal(direct, want)
+    with pytest.raises(RuntimeError, match="dtype"):
+        _C.ms_deform_attn_forward(value.half(), shapes, starts, loc32, attn_in.float())
+    with pytest.raises(RuntimeError, match="dtype"):
+        _C.ms_deform_attn_forward(value_bf16, shapes, starts, loc, attn)  # float64 locations

@@ -126,6 +126,19 @@ def _op_inputs(value, spatial_shapes, level_start_index, sampling_locations, att
             attention_weights.to(compute).contiguous(), out_dtype)
 
 
+def _reads_bf16_value(value, sampling_locations, attention_weights):
+    """Whether the compiled CPU forward takes ``value`` as is: bfloat16 value, float32 locations,
+    float32 or bfloat16 weights (widened to float32 as the float path does), no gradient
+    wanted, and an extension built with that form."""
+    return (value.dtype == torch.bfloat16 and value.device.type == "cpu"
+            and sampling_locations.dtype == torch.float32
+            and attention_weights.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (value.requires_grad
+                                                  or sampling_locations.requires_grad
+                                                  or attention_weights.requires_grad))
+            and getattr(load_extension(), "forward_reads_bf16_value", False))
+
+
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                    attention_weights):
     """Multi-scale deformable attention, dispatched to the compiled op or the reference.
@@ -135,6 +148,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     """
     validate_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if use_compiled(value.device):
+        if _reads_bf16_value(value, sampling_locations, attention_weights):
+            # bf16 inference (TEST.PRECISION bf16): the bf16 value projection read as is, the
+            # same results as a float32 copy of it (bf16 -> float32 is exact)
+            return load_extension().ms_deform_attn_forward(
+                value.contiguous(), spatial_shapes.to(torch.int64).contiguous(),
+                level_start_index.to(torch.int64).contiguous(), sampling_locations.contiguous(),
+                attention_weights.float().contiguous())
         return MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index,
                                           sampling_locations, attention_weights)
     return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,

@@ -22,6 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[N,Lq,M,L,P]) -> [N,Lq,M*D]",
         py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
         py::arg("sampling_locations"), py::arg("attention_weights"));
+  // (absent from extensions built before the mixed form: callers check with hasattr)
+  m.attr("forward_reads_bf16_value") = true;
   m.def("ms_deform_attn_backward", &isda::ms_deform_attn_backward,
         "multi-scale deformable attention backward -> [grad_value, grad_sampling_locations, "
         "grad_attention_weights]",

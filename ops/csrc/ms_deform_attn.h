@@ -7,6 +7,8 @@
 //   sampling_locations [N, Lq, M, L, P, 2]   normalised (x, y)
 //   attention_weights  [N, Lq, M, L, P]
 //   output             [N, Lq, M * D]
+// The CPU forward also takes bfloat16 values with float32 locations and weights (output float32),
+// read without a float copy (bindings: forward_reads_bf16_value).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,6 +46,13 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value,
 
 namespace detail {
 
+// The CPU forward's mixed form: bfloat16 values (a bf16 model's value projection) read as is,
+// float32 locations, weights and output.
+inline bool is_bf16_value_forward(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return value.is_cpu() && value.scalar_type() == at::kBFloat16 &&
+         sampling_locations.scalar_type() == at::kFloat;
+}
+
 inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index,
                          const at::Tensor& sampling_locations,
@@ -65,9 +74,11 @@ inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shap
               value.sizes(), " and L=", L);
   TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
               "attention_weights must be [N, Lq, M, L, P], got ", attention_weights.sizes());
-  TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
-                  value.scalar_type() == attention_weights.scalar_type(),
-              "value, sampling_locations and attention_weights must share one dtype");
+  TORCH_CHECK(sampling_locations.scalar_type() == attention_weights.scalar_type() &&
+                  (value.scalar_type() == sampling_locations.scalar_type() ||
+                   is_bf16_value_forward(value, sampling_locations)),
+              "value, sampling_locations and attention_weights must share one dtype (or, for "
+              "the CPU forward, bfloat16 value with float32 locations and weights)");
   TORCH_CHECK(at::isFloatingType(value.scalar_type()), "value must be floating point");
   for (const at::Tensor* t : {&spatial_shapes, &level_start_index, &sampling_locations,
                               &attention_weights}) {
@@ -94,6 +105,12 @@ inline at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tens
                                          const at::Tensor& attention_weights) {
   detail::check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                        attention_weights);
+  if (detail::is_bf16_value_forward(value, sampling_locations)) {
+    return ms_deform_attn_forward_cpu(value.contiguous(), spatial_shapes.contiguous(),
+                                      level_start_index.contiguous(),
+                                      sampling_locations.contiguous(),
+                                      attention_weights.contiguous());
+  }
   const at::Tensor v = detail::upcast(value);
   const at::Tensor shapes = spatial_shapes.contiguous();
   const at::Tensor starts = level_start_index.contiguous();

@@ -62,34 +62,38 @@ struct Dims {
 // o[0:D] = sum_i weight[i] * v[offset[i] : offset[i] + D], accumulated in the order of i (the
 // same order, hence the same bits, for every DC). DC > 0: D == DC known at compile time, the
 // partial sums stay in registers instead of a store and reload of o per corner.
-template <typename scalar_t, int DC>
-inline void weighted_rows(scalar_t* __restrict__ o, const scalar_t* __restrict__ v,
+template <typename scalar_t, int DC, typename value_t>
+inline void weighted_rows(scalar_t* __restrict__ o, const value_t* __restrict__ v,
                           const int64_t* __restrict__ offset, const scalar_t* __restrict__ weight,
                           int64_t count, int64_t D) {
   if constexpr (DC > 0) {
     scalar_t acc[DC];
     for (int d = 0; d < DC; ++d) acc[d] = scalar_t(0);
     for (int64_t i = 0; i < count; ++i) {
-      const scalar_t* __restrict__ row = v + offset[i];
+      const value_t* __restrict__ row = v + offset[i];
       const scalar_t w = weight[i];
       // fully unrolled: no d loop for -O3 to interchange with the corner loop (which would turn
       // it into a strided scalar gather); the SLP vectoriser packs the channels instead
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC unroll 64
 #endif
-      for (int d = 0; d < DC; ++d) acc[d] += w * row[d];
+      for (int d = 0; d < DC; ++d) acc[d] += w * static_cast<scalar_t>(row[d]);
     }
     for (int d = 0; d < DC; ++d) o[d] = acc[d];
   } else {
     std::fill(o, o + D, scalar_t(0));
-    for (int64_t i = 0; i < count; ++i) axpy(o, weight[i], v + offset[i], D);
+    for (int64_t i = 0; i < count; ++i) {
+      const value_t* __restrict__ row = v + offset[i];
+      const scalar_t w = weight[i];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<scalar_t>(row[d]);
+    }
   }
 }
 
 // Queries [begin, end) of the flattened N * Lq, all heads (neighbouring heads sample near each
 // other, so one query's corners of all heads share cache lines and pages of value rows).
-template <typename scalar_t, int DC>
-ISDA_TARGET_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t* value,
+template <typename scalar_t, int DC, typename value_t>
+ISDA_TARGET_CLONES void forward_rows(int64_t begin, int64_t end, const value_t* value,
                                      const int64_t* shapes, const int64_t* starts,
                                      const scalar_t* loc, const scalar_t* attn, scalar_t* out,
                                      const Dims& k) {
@@ -101,10 +105,10 @@ ISDA_TARGET_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t*
   std::vector<int64_t> offset(4 * LP * k.M);
   std::vector<scalar_t> weight(4 * LP * k.M);
   std::vector<int64_t> first(k.M + 1);
-  const int64_t row_bytes = k.D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t row_bytes = k.D * static_cast<int64_t>(sizeof(value_t));
   for (int64_t nq = begin; nq < end; ++nq) {
     const int64_t n = nq / k.Lq;
-    const scalar_t* value_n = value + n * k.S * MD;
+    const value_t* value_n = value + n * k.S * MD;
     int64_t count = 0;
     for (int64_t m = 0; m < k.M; ++m) {
       const int64_t nqm = nq * k.M + m;
@@ -132,21 +136,24 @@ ISDA_TARGET_CLONES void forward_rows(int64_t begin, int64_t end, const scalar_t*
     }
     first[k.M] = count;
     for (int64_t m = 0; m < k.M; ++m) {
-      weighted_rows<scalar_t, DC>(out + (nq * k.M + m) * k.D, value_n, offset.data() + first[m],
-                                  weight.data() + first[m], first[m + 1] - first[m], k.D);
+      weighted_rows<scalar_t, DC, value_t>(out + (nq * k.M + m) * k.D, value_n,
+                                           offset.data() + first[m], weight.data() + first[m],
+                                           first[m + 1] - first[m], k.D);
     }
   }
 }
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+// value_t: scalar_t, or bfloat16 values with float locations / weights / output (each value
+// widened exactly on load: the same results as a float copy of the values, without the copy).
+template <typename scalar_t, typename value_t = scalar_t>
+void forward_kernel(const value_t* value, const int64_t* shapes, const int64_t* starts,
                     const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Dims& k) {
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k.M * k.L * k.P));
   at::parallel_for(0, k.N * k.Lq, grain, [&](int64_t begin, int64_t end) {
     if (k.D == 32) {
-      forward_rows<scalar_t, 32>(begin, end, value, shapes, starts, loc, attn, out, k);
+      forward_rows<scalar_t, 32, value_t>(begin, end, value, shapes, starts, loc, attn, out, k);
     } else {
-      forward_rows<scalar_t, 0>(begin, end, value, shapes, starts, loc, attn, out, k);
+      forward_rows<scalar_t, 0, value_t>(begin, end, value, shapes, starts, loc, attn, out, k);
     }
   });
 }
@@ -245,8 +252,15 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
   const Dims k = dims_of(value, sampling_locations);
-  at::Tensor out = at::empty({k.N, k.Lq, k.M * k.D}, value.options());
+  at::Tensor out = at::empty({k.N, k.Lq, k.M * k.D}, sampling_locations.options());
   if (out.numel() == 0) return out;
+  if (value.scalar_type() == at::kBFloat16) {  // float locations and weights (checked)
+    forward_kernel<float, at::BFloat16>(
+        value.data_ptr<at::BFloat16>(), spatial_shapes.data_ptr<int64_t>(),
+        level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<float>(),
+        attention_weights.data_ptr<float>(), out.data_ptr<float>(), k);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                              level_start_index.data_ptr<int64_t>(),
