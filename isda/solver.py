@@ -6,11 +6,12 @@ reference-point layer) come from ``SOLVER.BACKBONE_MULTIPLIER``,
 ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"`` clips the global L2 norm of all gradients
 (Detectron2 v0.6 only clips per parameter).
 
-AdamW runs torch's fused implementation (one kernel per parameter for the whole update) where
-torch has it for the parameters' device (CPU since torch 2.4, CUDA): the same update up to
-float rounding, and on the CPU 3x faster than the per-parameter loop torch uses by default
-there (ISDA-R50's 326 tensors: 80 -> 26 ms per step, ``benchmarks/optimizer_step.py``). Older
-torch builds keep the default implementation.
+``SOLVER.ADAMW_FUSED True`` runs torch's fused AdamW (one kernel per parameter for the whole
+update) where torch has it for the parameters' device (CPU since torch 2.4, CUDA): the same
+update up to float rounding, and on the CPU 3x faster than the per-parameter loop torch uses by
+default there (ISDA-R50's 326 tensors: 99 -> 33 ms per step, ``benchmarks/optimizer_step.py``).
+Off by default (see the key's comment in ``isda/config.py``); torch builds without it keep the
+loop.
 """
 from typing import Any, Dict, List
 
@@ -72,7 +73,8 @@ def build_isda_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {"betas": (0.9, 0.999)}
-        if fused_adamw_supported(p for g in groups for p in g["params"]):
+        if cfg.SOLVER.get("ADAMW_FUSED", False) and fused_adamw_supported(
+                p for g in groups for p in g["params"]):
             kwargs["fused"] = True
     elif name == "SGD":
         optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
