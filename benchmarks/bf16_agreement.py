@@ -13,8 +13,10 @@ algorithm on mask IoU (pairs of different classes forbidden; both runs return th
 detections: the top-k (query, class) pairs). Reported: the matched pairs' mask IoU (min, mean;
 required >= 0.95 each for the detections that count, see ``--min-score``), their score
 differences (max / mean absolute), COCO mask AP of both runs (Detectron2's ``COCOEvaluator``) and
-the AP difference, and the latency of both on these images. The last stdout line is one JSON
-object.
+the AP difference, and the latency of both on these images. Every counted pair below IoU 0.95
+is listed with its masks' areas and with how much the fp32 mask itself changes when the mask
+threshold moves by ``--threshold-shift`` either way (a flat mask whose probabilities sit at the
+threshold flips pixels under any rounding). The last stdout line is one JSON object.
 """
 import argparse
 import json
@@ -94,6 +96,9 @@ def main(argv=None):
                    help="the IoU requirement applies to pairs whose fp32 score is at least "
                         "this (default 0.05; all pairs are reported too)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per precision")
+    p.add_argument("--threshold-shift", type=float, default=0.001,
+                   help="for the pairs below IoU 0.95: how much the fp32 mask itself changes when "
+                        "the mask threshold moves by this much either way (default 0.001)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
@@ -129,8 +134,17 @@ def main(argv=None):
             run(pr)
             times[pr].append(time.perf_counter() - t0)
 
-    ious, ious_counted, dscore, n_det = [], [], [], 0
-    for a, b in zip(outs["bf16"], outs["fp32"]):
+    # the fp32 masks at the mask threshold moved by -/+ shift (same detections in the same
+    # order: top-k is chosen on the class scores, before the masks are thresholded)
+    threshold = model.mask_threshold
+    shifted = []
+    for t in (threshold - args.threshold_shift, threshold + args.threshold_shift):
+        model.mask_threshold = t
+        shifted.append(run("fp32"))
+    model.mask_threshold = threshold
+
+    ious, ious_counted, dscore, n_det, below = [], [], [], 0, []
+    for img, (a, b) in enumerate(zip(outs["bf16"], outs["fp32"])):
         assert a.scores.dtype == torch.float32 and a.pred_masks.dtype == torch.bool
         ia, ib, iou = match(a, b)
         n_det += len(ia)
@@ -138,6 +152,20 @@ def main(argv=None):
         counted = (b.scores[ib] >= args.min_score).numpy()
         ious_counted.extend(iou[counted].tolist())
         dscore.extend((a.scores[ia] - b.scores[ib]).abs().tolist())
+        for x, y, v, c in zip(ia, ib, iou, counted):
+            if not c or v >= 0.95:
+                continue
+            moved = []
+            for s in shifted:
+                if not torch.equal(s[img].pred_classes, b.pred_classes):
+                    raise RuntimeError("the detections changed with the mask threshold")
+                moved.append(round(float(rle_iou(b.pred_masks[y:y + 1],
+                                                 s[img].pred_masks[y:y + 1])[0, 0]), 4))
+            below.append({"image": img, "iou": round(float(v), 4),
+                          "fp32_score": round(float(b.scores[y]), 4),
+                          "fp32_area": int(b.pred_masks[y].sum()),
+                          "bf16_area": int(a.pred_masks[x].sum()),
+                          "fp32_iou_threshold_shifted": moved})
 
     aps = {}
     for pr in ("fp32", "bf16"):
@@ -163,6 +191,13 @@ def main(argv=None):
         "bf16_ms": round(statistics.median(times["bf16"]) * 1e3, 1),
     }
     report["iou_requirement_met"] = bool(ious_counted) and min(ious_counted) >= 0.95
+    # the counted pairs below 0.95, each with its fp32 mask's IoU against the fp32 masks at the
+    # shifted thresholds: when that is not above the bf16 pair's IoU, fp32 itself is as unsure
+    # of the mask as the two precisions differ (pixels with probabilities at the threshold)
+    report["threshold_shift"] = args.threshold_shift
+    report["counted_below_0.95"] = below
+    report["counted_below_0.95_within_threshold_shift"] = sum(
+        1 for b in below if b["iou"] >= min(b["fp32_iou_threshold_shifted"]))
     print(json.dumps(report))
 
 

@@ -159,6 +159,37 @@ def test_deformable_attention_under_autocast_matches_float64(backend):
     assert err <= OP_RTOL, float(err)
 
 
+def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
+    """CPU autocast runs softmax in bf16 (CUDA's in fp32): the module takes the softmax of the
+    bf16 logits in float32, equal to the float64 softmax of the same logits to float32 rounding
+    (a bf16 softmax is off by up to 2**-9 relative)."""
+    import isda.layers.ms_deform_attn as mda
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2)
+    with torch.no_grad():
+        attn.attention_weights.weight.normal_(0, 0.5)
+    query, ref, src, shapes, starts = _attn_inputs()
+    seen = {}
+    real = mda.ms_deform_attn
+
+    def spy(value, spatial_shapes, level_start_index, locations, weights):
+        seen["weights"] = weights
+        return real(value, spatial_shapes, level_start_index, locations, weights)
+
+    monkeypatch.setattr(mda, "ms_deform_attn", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = attn.attention_weights(query)
+        attn(query, ref, src, shapes, starts)
+    assert logits.dtype == torch.bfloat16
+    n, lq = query.shape[:2]
+    want = torch.softmax(logits.double().view(n, lq, 4, 6), -1).view(n, lq, 4, 3, 2)
+    got = seen["weights"]
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7), \
+        float((got.double() - want).abs().max())
+
+
 def test_bf16_runs_backbone_and_encoder_in_bf16_the_mask_branch_in_fp32():
     """The mixed form: backbone, mapper and encoder in bf16; decoder, heads and mask-feature
     head (whose outputs meet in the mask product) in fp32; autocast off again afterwards."""
