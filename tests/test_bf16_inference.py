@@ -190,6 +190,34 @@ def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
         float((got.double() - want).abs().max())
 
 
+def test_attention_weights_keep_float64_without_autocast(monkeypatch):
+    """The float32 softmax is for autocast's bf16 logits only: a float64 module (the reference
+    evaluations above) hands the op float64 weights, equal to the float64 softmax."""
+    import isda.layers.ms_deform_attn as mda
+
+    torch.manual_seed(0)
+    attn = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2).double()
+    with torch.no_grad():
+        attn.attention_weights.weight.normal_(0, 0.5)
+    query, ref, src, shapes, starts = (t.double() if t.is_floating_point() else t
+                                       for t in _attn_inputs())
+    seen = {}
+    real = mda.ms_deform_attn
+
+    def spy(value, spatial_shapes, level_start_index, locations, weights):
+        seen["weights"] = weights
+        return real(value, spatial_shapes, level_start_index, locations, weights)
+
+    monkeypatch.setattr(mda, "ms_deform_attn", spy)
+    with set_backend("reference"), torch.no_grad():
+        logits = attn.attention_weights(query)
+        attn(query, ref, src, shapes, starts)
+    n, lq = query.shape[:2]
+    want = torch.softmax(logits.view(n, lq, 4, 6), -1).view(n, lq, 4, 3, 2)
+    assert seen["weights"].dtype == torch.float64
+    torch.testing.assert_close(seen["weights"], want, rtol=1e-12, atol=1e-14)
+
+
 def test_bf16_runs_backbone_and_encoder_in_bf16_the_mask_branch_in_fp32():
     """The mixed form: backbone, mapper and encoder in bf16; decoder, heads and mask-feature
     head (whose outputs meet in the mask product) in fp32; autocast off again afterwards."""

@@ -434,9 +434,14 @@ class MSDeformAttn(nn.Module):
                                                   input_level_start_index, input_padding_mask)
         offsets, weights = self._query_projections(query, query_pos)
         offsets = offsets.view(N, Lq, M, L, P, 2)
-        # the softmax in float32 also under CPU bf16 autocast, which (unlike CUDA's) runs it in
-        # bf16: 3x slower there and rounds the weights to 8 bits; a no-op in float32
-        weights = F.softmax(weights.view(N, Lq, M, L * P).float(), -1).view(N, Lq, M, L, P)
+        logits = weights.view(N, Lq, M, L * P)
+        if logits.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+                logits.device.type):
+            # CPU autocast (unlike CUDA's) runs softmax in bf16: 3x slower there and the weights
+            # rounded to 8 bits; take it in float32 as CUDA's autocast does. Other dtypes (a
+            # float64 or a half model without autocast) keep their own
+            logits = logits.float()
+        weights = F.softmax(logits, -1).view(N, Lq, M, L, P)
         if reference_points.shape[-1] == 2:
             ref_rows, inv_size = _level_scaling(reference_points, input_spatial_shapes, P,
                                                 offsets.dtype)
