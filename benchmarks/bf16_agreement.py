@@ -134,14 +134,23 @@ def main(argv=None):
             run(pr)
             times[pr].append(time.perf_counter() - t0)
 
-    # the fp32 masks at the mask threshold moved by -/+ shift (same detections in the same
-    # order: top-k is chosen on the class scores, before the masks are thresholded)
-    threshold = model.mask_threshold
     shifted = []
-    for t in (threshold - args.threshold_shift, threshold + args.threshold_shift):
-        model.mask_threshold = t
-        shifted.append(run("fp32"))
-    model.mask_threshold = threshold
+
+    def shifted_runs():
+        """The fp32 masks at the mask threshold moved by -/+ shift, run once and only when a
+        counted pair needs them (same detections in the same order: top-k is chosen on the
+        class scores, before the masks are thresholded)."""
+        if not shifted:
+            threshold = model.mask_threshold
+            for t in (threshold - args.threshold_shift, threshold + args.threshold_shift):
+                model.mask_threshold = t
+                shifted.append(run("fp32"))
+            model.mask_threshold = threshold
+            for s in shifted:
+                if any(not torch.equal(x.pred_classes, y.pred_classes)
+                       for x, y in zip(s, outs["fp32"])):
+                    raise RuntimeError("the detections changed with the mask threshold")
+        return shifted
 
     ious, ious_counted, dscore, n_det, below = [], [], [], 0, []
     for img, (a, b) in enumerate(zip(outs["bf16"], outs["fp32"])):
@@ -155,12 +164,9 @@ def main(argv=None):
         for x, y, v, c in zip(ia, ib, iou, counted):
             if not c or v >= 0.95:
                 continue
-            moved = []
-            for s in shifted:
-                if not torch.equal(s[img].pred_classes, b.pred_classes):
-                    raise RuntimeError("the detections changed with the mask threshold")
-                moved.append(round(float(rle_iou(b.pred_masks[y:y + 1],
-                                                 s[img].pred_masks[y:y + 1])[0, 0]), 4))
+            moved = [round(float(rle_iou(b.pred_masks[y:y + 1],
+                                         s[img].pred_masks[y:y + 1])[0, 0]), 4)
+                     for s in shifted_runs()]
             below.append({"image": img, "iou": round(float(v), 4),
                           "fp32_score": round(float(b.scores[y]), 4),
                           "fp32_area": int(b.pred_masks[y].sum()),
