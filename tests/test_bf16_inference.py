@@ -159,17 +159,10 @@ def test_deformable_attention_under_autocast_matches_float64(backend):
     assert err <= OP_RTOL, float(err)
 
 
-def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
-    """CPU autocast runs softmax in bf16 (CUDA's in fp32): the module takes the softmax of the
-    bf16 logits in float32, equal to the float64 softmax of the same logits to float32 rounding
-    (a bf16 softmax is off by up to 2**-9 relative)."""
+def _record_op_weights(monkeypatch):
+    """-> dict whose "weights" becomes the attention weights MSDeformAttn hands the op."""
     import isda.layers.ms_deform_attn as mda
 
-    torch.manual_seed(0)
-    attn = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2)
-    with torch.no_grad():
-        attn.attention_weights.weight.normal_(0, 0.5)
-    query, ref, src, shapes, starts = _attn_inputs()
     seen = {}
     real = mda.ms_deform_attn
 
@@ -178,6 +171,19 @@ def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
         return real(value, spatial_shapes, level_start_index, locations, weights)
 
     monkeypatch.setattr(mda, "ms_deform_attn", spy)
+    return seen
+
+
+def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
+    """CPU autocast runs softmax in bf16 (CUDA's in fp32): the module takes the softmax of the
+    bf16 logits in float32, equal to the float64 softmax of the same logits to float32 rounding
+    (a bf16 softmax is off by up to 2**-9 relative)."""
+    torch.manual_seed(0)
+    attn = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2)
+    with torch.no_grad():
+        attn.attention_weights.weight.normal_(0, 0.5)
+    query, ref, src, shapes, starts = _attn_inputs()
+    seen = _record_op_weights(monkeypatch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = attn.attention_weights(query)
         attn(query, ref, src, shapes, starts)
@@ -193,22 +199,13 @@ def test_attention_weights_under_autocast_are_a_float32_softmax(monkeypatch):
 def test_attention_weights_keep_float64_without_autocast(monkeypatch):
     """The float32 softmax is for autocast's bf16 logits only: a float64 module (the reference
     evaluations above) hands the op float64 weights, equal to the float64 softmax."""
-    import isda.layers.ms_deform_attn as mda
-
     torch.manual_seed(0)
     attn = MSDeformAttn(64, n_levels=3, n_heads=4, n_points=2).double()
     with torch.no_grad():
         attn.attention_weights.weight.normal_(0, 0.5)
     query, ref, src, shapes, starts = (t.double() if t.is_floating_point() else t
                                        for t in _attn_inputs())
-    seen = {}
-    real = mda.ms_deform_attn
-
-    def spy(value, spatial_shapes, level_start_index, locations, weights):
-        seen["weights"] = weights
-        return real(value, spatial_shapes, level_start_index, locations, weights)
-
-    monkeypatch.setattr(mda, "ms_deform_attn", spy)
+    seen = _record_op_weights(monkeypatch)
     with set_backend("reference"), torch.no_grad():
         logits = attn.attention_weights(query)
         attn(query, ref, src, shapes, starts)
