@@ -1,5 +1,5 @@
 """A synthetic training record with hundreds of instances (for the mapper's tests and
-``benchmarks/data_pipeline.py``): random convex blobs on a noise image, every ``polygon_every``-th
+``benchmarks/data_pipeline.py``): random convex blobs on a smooth random image, every ``polygon_every``-th
 one a polygon annotation, the others COCO RLE (compressed, string counts as in a COCO JSON)."""
 from pathlib import Path
 
@@ -11,11 +11,12 @@ from pycocotools import mask as mask_util
 
 def many_instance_record(folder: Path, n: int = 300, hw=(600, 800), polygon_every: int = 3,
                          seed: int = 0) -> dict:
-    """Write ``folder/many_<n>.png`` (H, W, 3) and return its Detectron2 dataset dict."""
+    """Write ``folder/many_<n>.jpg`` (H, W, 3) and return its Detectron2 dataset dict."""
     h, w = hw
     rng = np.random.default_rng(seed)
-    path = Path(folder) / f"many_{n}.png"
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    path = Path(folder) / f"many_{n}.jpg"
+    small = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)  # smooth, like a photo
+    Image.fromarray(small).resize((w, h), Image.BILINEAR).save(path, quality=90)
     annotations = []
     for k in range(n):
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)

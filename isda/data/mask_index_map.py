@@ -83,8 +83,15 @@ def mask_index_map(transforms, source_hw: Tuple[int, int]) -> Optional[IndexMap]
 
 
 def gather_masks(stack: np.ndarray, index: np.ndarray, imap: IndexMap) -> np.ndarray:
-    """``stack`` (N, H, W), ``index`` (K,) instances to keep -> (K, H_out, W_out), contiguous."""
-    out = stack[np.ix_(index, imap.rows, imap.cols)]
+    """``stack`` (N, H, W), ``index`` (K,) instances to keep -> (K, H_out, W_out), contiguous.
+    Instances and rows are taken together from the window the map reads, then the columns
+    (much faster than one three-array fancy index)."""
+    rows, cols = imap.rows, imap.cols
+    if len(index) == 0 or len(rows) == 0 or len(cols) == 0:
+        return np.zeros((len(index), *imap.shape), stack.dtype)
+    r0, c0 = int(rows.min()), int(cols.min())
+    window = stack[:, r0:int(rows.max()) + 1, c0:int(cols.max()) + 1]
+    out = window[index[:, None], (rows - r0)[None, :]].take(cols - c0, axis=2)
     return np.ascontiguousarray(out.transpose(0, 2, 1)) if imap.transposed else out
 
 
