@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The training data pipeline: ISDA's dataset mapper against the previous per-instance route
-(Detectron2's ``transform_instance_annotations`` on each instance, ``tests/per_instance_mapper.py``),
+(Detectron2's ``transform_instance_annotations`` on each instance,
+``tests/per_instance_mapper.py``),
 side by side on the same records and seeds, and the ``data_time`` share of a short training run.
 
     python benchmarks/data_pipeline.py [--calls 24] [--repeats 5] [--train-iters 30]
@@ -191,8 +192,8 @@ def main(argv=None):
     if args.train_iters > 0:
         share = data_time_share(args.train_iters)
         print(f"training {share['train_iters']} iterations: {share['iteration_s']} s per "
-              f"iteration, data_time {share['data_time_s']} s ({100 * share['data_time_share']:.1f} %)",
-              flush=True)
+              f"iteration, data_time {share['data_time_s']} s "
+              f"({100 * share['data_time_share']:.1f} %)", flush=True)
         report.update(share)
     else:
         report["data_time_share"] = None

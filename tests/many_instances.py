@@ -1,6 +1,6 @@
 """A synthetic training record with hundreds of instances (for the mapper's tests and
-``benchmarks/data_pipeline.py``): random convex blobs on a smooth random image, every ``polygon_every``-th
-one a polygon annotation, the others COCO RLE (compressed, string counts as in a COCO JSON)."""
+``benchmarks/data_pipeline.py``): random convex blobs on a smooth random image, every
+``polygon_every``-th one a polygon annotation, the others COCO RLE (compressed, string counts as in a COCO JSON)."""
 from pathlib import Path
 
 import numpy as np

@@ -35,8 +35,9 @@ class IndexMap(NamedTuple):
 
 @lru_cache(maxsize=512)
 def pil_nearest_indices(size: int, new_size: int, axis: int) -> np.ndarray:
-    """Source index of each of the ``new_size`` outputs of PIL's NEAREST resize of ``size`` pixels
-    along ``axis`` (0: rows, 1: columns): read off the resize of an int32 index image. (new_size,)"""
+    """Source index of each of the ``new_size`` outputs of PIL's NEAREST resize of ``size``
+    pixels along ``axis`` (0: rows, 1: columns), read off the resize of an int32 index image.
+    -> (new_size,) int64"""
     index = np.arange(size, dtype=np.int32)
     if axis == 0:
         out = Image.fromarray(index[:, None]).resize((1, new_size), Image.NEAREST)
