@@ -173,3 +173,25 @@ def test_bad_rle_names_file_and_annotation_with_its_id():
     record["annotations"][3]["segmentation"] = np.zeros((3, 3))
     with pytest.raises(BadSampleError, match=r"annotation #3: mask shape"):
         ISDADatasetMapper(config(), is_train=True)(record)
+
+
+@pytest.mark.parametrize("name", ["nuclei_train", "voc_sample"])
+def test_other_transforms_fall_back_to_each_mask(name):
+    """A transform that is not a pixel selection (a rotation) runs on each decoded mask / each
+    polygon, as Detectron2 does: still the same outputs."""
+    from detectron2.data import transforms as T
+
+    record = DatasetCatalog.get(name)[0]
+    cfg = paper_crop_cfg()
+    new, ref = ISDADatasetMapper(cfg, is_train=True), PerInstanceMapper(cfg, is_train=True)
+    for m in (new, ref):
+        m.augmentations = T.AugmentationList([T.RandomFlip(prob=1.0), T.RandomRotation([10, 30]),
+                                              T.ResizeShortestEdge((96,), 1000, "choice")])
+    for seed in range(2):
+        np.random.seed(seed)
+        want = ref(record)["instances"]
+        np.random.seed(seed)
+        got = new(record)["instances"]
+        assert len(got) == len(want) > 0
+        assert torch.equal(got.gt_masks.tensor, want.gt_masks.tensor)
+        assert torch.equal(got.gt_boxes.tensor, want.gt_boxes.tensor)
