@@ -115,6 +115,9 @@ def add_isda_config(cfg):
     # a sample that cannot be read or converted during training: "raise" stops with an error
     # naming the file; "skip" logs it, counts it and moves on
     cfg.INPUT.BAD_SAMPLE_POLICY = "raise"
+    # megabytes of decoded RLE masks the training mapper keeps per process (each DataLoader
+    # worker has its own); 0 decodes on every visit (isda/data/mask_cache.py)
+    cfg.INPUT.MASK_CACHE_MB = 256.0
     cfg.INPUT.ISDA = CN()
     # probability of swapping the image axes (0 for natural images, whose "up" matters)
     cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.0

@@ -58,12 +58,15 @@ def visualise(config: str, weights: Path, out_png: Path, opts, threshold: float 
     import cv2
     import numpy as np
     import torch
+
+    # isda first: it imports Detectron2's modules with their import-time torch.jit.script
+    # FutureWarning silenced (isda/__init__.py); imported before it, detectron2.data printed it
+    import isda  # noqa: F401
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.utils.visualizer import ColorMode, Visualizer
 
-    import isda  # noqa: F401
     from isda import add_isda_config
     from isda.predictor import ISDAPredictor
 
