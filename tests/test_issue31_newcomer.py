@@ -426,3 +426,46 @@ def test_non_finite_first_step_after_resume_says_every_resume_fails(monkeypatch)
     with pytest.raises(FloatingPointError,
                        match=r"(?s)model_0000004\.pth.*every --resume from it will fail"):
         trainer.run_step()
+
+
+# ----------------------------------------------------------------- end to end (tiny runs)
+def test_demo_skips_a_corrupt_image_in_a_folder_and_exits_1(tmp_path, capfd):
+    """One corrupt image stopped the whole folder; now it is skipped with a message naming it,
+    the others are drawn, and the exit status is 1."""
+    demo_cli = _load_demo()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((40, 48, 3), 90, np.uint8)).save(images / "a_good.png")
+    (images / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    Image.fromarray(np.full((40, 48, 3), 160, np.uint8)).save(images / "c_good.png")
+    code = demo_cli.main(["--config-file", TINY_CONFIG, "--input", str(images),
+                          "--output", str(tmp_path / "vis"), "--allow-random-weights",
+                          "--min-drawing-side", "0", "--opts", "MODEL.DEVICE", "cpu"])
+    assert code == 1
+    assert sorted(os.listdir(tmp_path / "vis")) == ["a_good.png", "c_good.png"]
+    text = "".join(capfd.readouterr())
+    assert "b_corrupt.png" in text and "1 of 3 images failed" in text
+
+
+def test_model_final_cannot_be_resumed_past_its_iteration(tmp_path):
+    """model_final.pth holds the model only: --resume (given after the overrides, which failed
+    with "Override list has odd length") to a larger MAX_ITER without a periodic checkpoint of
+    that iteration is refused, saying what to do."""
+    out = tmp_path / "run"
+    tiny = ["MODEL.DEVICE", "cpu", "MODEL.ISDA.NUM_QUERIES", "10", "MODEL.ISDA.ENC_LAYERS", "1",
+            "MODEL.ISDA.DEC_LAYERS", "1", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "96", "SOLVER.IMS_PER_BATCH", "1", "TEST.EVAL_PERIOD", "0",
+            "SOLVER.CHECKPOINT_PERIOD", "1000", "OUTPUT_DIR", str(out)]
+    cmd = [sys.executable, "train_net.py", "--config-file", TINY_CONFIG, *tiny]
+    first = subprocess.run(cmd + ["SOLVER.MAX_ITER", "2"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.pth")) == ["model_final.pth"]
+    assert "optimizer" not in torch.load(out / "model_final.pth", weights_only=True)
+    again = subprocess.run(cmd + ["SOLVER.MAX_ITER", "4", "--resume"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0
+    assert "holds the final weights only (iteration 1" in again.stderr
+    assert "Override list has odd length" not in again.stderr
+    log = (out / "log.txt").read_text()
+    assert "\x1b[" not in log and "No CUDA runtime" not in first.stderr + again.stderr

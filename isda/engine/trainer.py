@@ -192,6 +192,16 @@ class Trainer(DefaultTrainer):
         if checkpoint.get(MODEL_ONLY_KEY):
             done = int(checkpoint.get("iteration", -1))
             path = self.checkpointer.get_checkpoint_file()
+            full = os.path.join(os.path.dirname(path), f"model_{done:07d}.pth")
+            if done + 1 < self.max_iter and os.path.isfile(full):
+                # the periodic checkpoint of the same iteration holds the optimizer state
+                logging.getLogger("isda").info(
+                    "--resume: '%s' holds the model only; continuing from '%s' (same iteration "
+                    "%d, with the optimizer, schedule and random states)", path, full, done)
+                self.checkpointer._loading = full
+                self.checkpointer.load(full)
+                self.start_iter = self.iter + 1
+                return
             if done + 1 < self.max_iter:
                 raise CheckpointError(
                     f"--resume: '{path}' holds the final weights only (iteration {done}, no "
