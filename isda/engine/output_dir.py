@@ -1,5 +1,6 @@
 """What a new training run does with an ``OUTPUT_DIR`` that holds an earlier run
 (``OUTPUT_DIR_EXISTING``: ``refuse``, the default, or ``move`` it to ``previous-<timestamp>/``)."""
+import atexit
 import datetime
 import fcntl
 import fnmatch
@@ -39,15 +40,26 @@ def lock_output_dir(output_dir):
     os.makedirs(output_dir, exist_ok=True)
     key = os.path.realpath(output_dir)
     if key in _held:
-        return _held[key]
+        return _held[key][0]
     path = os.path.join(output_dir, LOCK_NAME)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has just started"
-        f.close()
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has just started"
+            f.close()
+            break
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            holder = None
+            break
+        f.close()  # the previous holder removed the file as we opened it: lock the new one
+    if holder is not None:
         raise OutputDirBusyError(
             f"OUTPUT_DIR '{output_dir}' is in use by another training run ({holder}). Two runs "
             "in one folder would mix their logs, losses and checkpoints, so this one was not "
@@ -59,8 +71,24 @@ def lock_output_dir(output_dir):
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
             f"{' '.join(sys.argv)[:300]}\n")
     f.flush()
-    _held[key] = f
+    _held[key] = (f, path)
+    if len(_held) == 1:
+        atexit.register(_release_all)
     return f
+
+
+def _release_all():
+    """At exit: remove the lock files this process holds (then release them), so a finished
+    run leaves no file behind. A killed process leaves its file, whose lock the kernel has
+    released: the next run takes it."""
+    for key, (f, path) in list(_held.items()):
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+        f.close()
+        del _held[key]
 
 
 def earlier_run_records(output_dir) -> list:
