@@ -173,7 +173,9 @@ class Trainer(DefaultTrainer):
             self._resume_from_previous(e)
         finally:
             self.checkpointer.refuse_mis_shaped = False
-        self._resumed_from = self.checkpointer.get_checkpoint_file() if resuming else None
+        # the file the resume loaded (an earlier one when the last was corrupt)
+        self._resumed_from = (getattr(self.checkpointer, "_loading", None)
+                              or self.checkpointer.get_checkpoint_file()) if resuming else None
         loader = self._trainer.data_loader
         if hasattr(loader, "set_start"):
             loader.set_start(self.start_iter)
