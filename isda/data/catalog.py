@@ -44,6 +44,10 @@ def coco_json_problem(json_file: str) -> Optional[str]:
         return f"it is not UTF-8 text ({e})"
     except json.JSONDecodeError as e:
         return f"it is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+    return _coco_data_problem(data)
+
+
+def _coco_data_problem(data) -> Optional[str]:
     if not isinstance(data, dict):
         return f"its top level is a JSON {type(data).__name__}, not an object"
     for key in ("images", "annotations", "categories"):
@@ -132,12 +136,17 @@ def load_coco_instances(json_file: str, image_root: str, name: Optional[str] = N
     (:func:`check_coco_ids`)."""
     from detectron2.data.datasets.coco import load_coco_json
 
-    problem = coco_json_problem(json_file)
+    where = f"dataset '{name}' ({json_file})" if name else json_file
+    try:
+        with open(json_file, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    problem = coco_json_problem(json_file) if data is None else _coco_data_problem(data)
     if problem:
-        where = f"dataset '{name}' ({json_file})" if name else json_file
         raise DatasetLoadError(f"{where}: {problem}")
-    with open(json_file, "rb") as f:
-        check_coco_ids(json_file, json.loads(f.read().decode("utf-8")))
+    check_coco_ids(json_file, data)
+    del data
     return load_coco_json(json_file, image_root, name, extra_annotation_keys=["id"])
 
 
