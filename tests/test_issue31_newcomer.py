@@ -469,3 +469,17 @@ def test_model_final_cannot_be_resumed_past_its_iteration(tmp_path):
     assert "Override list has odd length" not in again.stderr
     log = (out / "log.txt").read_text()
     assert "\x1b[" not in log and "No CUDA runtime" not in first.stderr + again.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is for machines without CUDA")
+def test_no_cuda_home_notice_on_a_cpu_machine(tmp_path):
+    """Every train_net run of a CPU machine printed torch's "No CUDA runtime is found, using
+    CUDA_HOME='/usr/local'" (from Detectron2's environment report)."""
+    code = ("import train_net; train_net.setup(train_net.argument_parser().parse_args("
+            f"['--config-file', {TINY_CONFIG!r}, 'OUTPUT_DIR', {str(tmp_path / 'o')!r}]))")
+    env = dict(os.environ, CUDA_HOME="/usr/local")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Environment info" in (tmp_path / "o" / "log.txt").read_text()
+    assert "No CUDA runtime" not in proc.stdout + proc.stderr

@@ -44,8 +44,15 @@ def quiet_setup_logs() -> None:
     logger = logging.getLogger("detectron2")
     if not any(isinstance(f, ShortSetupLog) for f in logger.filters):
         logger.addFilter(ShortSetupLog())
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        try:
+    import torch  # first, so that no handler of torch's is created inside the redirection
+
+    notice = logging.getLogger("torch.utils.cpp_extension")
+    level = notice.level
+    notice.setLevel(logging.ERROR)  # the notice is a warning of this logger (torch >= 2.x)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # older torch printed it
             import torch.utils.cpp_extension  # noqa: F401
-        except Exception:  # noqa: BLE001  (only the notice matters here)
-            pass
+    except Exception:  # noqa: BLE001  (only the notice matters here)
+        pass
+    finally:
+        notice.setLevel(level)
