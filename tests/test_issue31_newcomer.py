@@ -483,3 +483,17 @@ def test_no_cuda_home_notice_on_a_cpu_machine(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Environment info" in (tmp_path / "o" / "log.txt").read_text()
     assert "No CUDA runtime" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("side", [40, 64, 65, 100])
+def test_export_example_of_a_small_square_sample_stays_above_the_minimum(side):
+    """A 64 x 64 (resized) sample image was padded to 65 x 65 then cut to 65 x 64 to make the
+    sides differ: the capture then failed on its own guard "s6 >= 65"."""
+    from isda.export.exporter import _example
+    from isda.export.model import MIN_SIZE
+
+    image = torch.rand(1, 3, side, side) * 255
+    x = _example(image)
+    h, w = x.shape[-2:]
+    assert min(h, w) >= MIN_SIZE and h != w
+    torch.testing.assert_close(x[..., :side, :side], image)  # the image itself, padded only
