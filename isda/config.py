@@ -8,49 +8,35 @@ from detectron2.config import CfgNode as CN
 _said = set()
 
 
-def _resolving_class(base):
-    """A subclass of ``base`` (Detectron2's CfgNode) whose merges resolve ``MODEL.DEVICE auto``
-    at once, so that no "auto" is left for Detectron2 (``DefaultPredictor``, ``build_model``,
-    ``DefaultTrainer``) to choke on. Cached per base class (clones and pickles keep it)."""
-    if getattr(base, "_isda_resolves_device", False):
-        return base
-    if base in _RESOLVING:
-        return _RESOLVING[base]
+class ISDACfgNode(CN):
+    """Detectron2's ``CfgNode`` whose merges (``merge_from_file``, ``merge_from_list``,
+    ``merge_from_other_cfg``) resolve ``MODEL.DEVICE auto`` at once, so that no "auto" is left
+    for Detectron2 (``DefaultPredictor``, ``build_model``, ``DefaultTrainer``) to choke on.
+    :func:`add_isda_config` gives the root of a config this class; its sub-nodes stay plain
+    ``CfgNode`` (yacs type-checks sub-nodes when merging). Clones and pickles keep it."""
 
-    class ISDACfgNode(base):
-        _isda_resolves_device = True
+    @classmethod
+    def _create_config_tree_from_dict(cls, dic, key_list):
+        return CN._create_config_tree_from_dict.__func__(CN, dic, key_list)
 
-        @classmethod
-        def _create_config_tree_from_dict(cls, dic, key_list):
-            # sub-nodes stay of the base class: yacs type-checks sub-nodes when merging
-            return base._create_config_tree_from_dict.__func__(base, dic, key_list)
+    @classmethod
+    def _decode_cfg_value(cls, value):
+        return CN._decode_cfg_value.__func__(CN, value)
 
-        @classmethod
-        def _decode_cfg_value(cls, value):
-            return base._decode_cfg_value.__func__(base, value)
+    def merge_from_file(self, *args, **kwargs):
+        out = super().merge_from_file(*args, **kwargs)
+        _resolve_merged(self)
+        return out
 
-        def merge_from_file(self, *args, **kwargs):
-            out = super().merge_from_file(*args, **kwargs)
-            _resolve_merged(self)
-            return out
+    def merge_from_list(self, *args, **kwargs):
+        out = super().merge_from_list(*args, **kwargs)
+        _resolve_merged(self)
+        return out
 
-        def merge_from_list(self, *args, **kwargs):
-            out = super().merge_from_list(*args, **kwargs)
-            _resolve_merged(self)
-            return out
-
-        def merge_from_other_cfg(self, *args, **kwargs):
-            out = super().merge_from_other_cfg(*args, **kwargs)
-            _resolve_merged(self)
-            return out
-
-    ISDACfgNode.__name__ = ISDACfgNode.__qualname__ = "CfgNode"
-    ISDACfgNode.__module__ = base.__module__
-    _RESOLVING[base] = ISDACfgNode
-    return ISDACfgNode
-
-
-_RESOLVING = {}
+    def merge_from_other_cfg(self, *args, **kwargs):
+        out = super().merge_from_other_cfg(*args, **kwargs)
+        _resolve_merged(self)
+        return out
 
 
 def _resolve_merged(cfg):
@@ -181,10 +167,8 @@ def add_isda_config(cfg):
     if not hasattr(cfg.SOLVER, "AMP"):
         cfg.SOLVER.AMP = CN({"ENABLED": False})
     # MODEL.DEVICE "auto" (ISDA's configs) becomes "cuda" or "cpu" as soon as it is merged
-    try:
-        object.__setattr__(cfg, "__class__", _resolving_class(type(cfg)))
-    except TypeError:  # an unusual config class: resolve_device() remains available
-        pass
+    if type(cfg) is CN:  # (another config class is left as it is: resolve_device() then)
+        object.__setattr__(cfg, "__class__", ISDACfgNode)
     _resolve_merged(cfg)
     return cfg
 
