@@ -241,9 +241,11 @@ def test_options_after_the_overrides_are_options():
     demo_cli = _load_demo()
 
     args = parse_args_anywhere(demo_cli.get_parser(),
-                               ["--config-file", "c.yaml", "--input", "a.png", "--opts",
-                                "MODEL.WEIGHTS", "w.pth", "--output", "vis/"])
-    assert args.output == "vis/" and args.opts == ["MODEL.WEIGHTS", "w.pth"]
+                               ["--config-file", "c.yaml", "--opts", "MODEL.WEIGHTS", "w.pth",
+                                "--input", "a.png", "b.png", "--output", "vis/",
+                                "MODEL.DEVICE", "cpu"])
+    assert args.output == "vis/" and args.input == ["a.png", "b.png"]
+    assert args.opts == ["MODEL.WEIGHTS", "w.pth", "MODEL.DEVICE", "cpu"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

@@ -6,9 +6,12 @@ failed later with "Override list has odd length". :func:`parse_args_anywhere` ac
 program's own options anywhere on the line.
 """
 import argparse
+import re
 import sys
 
 __all__ = ["parse_args_anywhere"]
+
+_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # a config key: MODEL.ISDA.NUM_CLASSES
 
 
 def _remainder_action(parser):
@@ -42,10 +45,10 @@ def parse_args_anywhere(parser, argv=None):
             count = action.nargs
         elif action.nargs is None or action.nargs == argparse.OPTIONAL:
             count = 1
-        else:  # "+" / "*": its values run up to the next option or override KEY (with a dot)
+        else:  # "+" / "*": its values run up to the next option or config KEY
             count = 0
             while i + 1 + count < len(opts) and not opts[i + 1 + count].startswith("--") \
-                    and "." not in opts[i + 1 + count].split("/")[-1].lstrip("."):
+                    and not _KEY.fullmatch(opts[i + 1 + count]):
                 count += 1
         moved += opts[i:i + 1 + count]
         i += 1 + count
