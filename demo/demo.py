@@ -59,8 +59,8 @@ one of the above gets '.png' appended. An image given twice (e.g. by a folder an
 processed once. An output path that is an input file, two inputs with the same output, or an
 output path that is an existing folder is refused before anything is written (exit status 2,
 the file named). Existing files that are not inputs are replaced.
-An image that cannot be read (corrupt, truncated) is skipped with an error line and the others
-are processed; the exit status is then 1. Images are read as training reads them (16-bit and
+An image that cannot be read (corrupt, truncated) is skipped with an 'error: ...' line and the
+others are processed; the exit status is then 1 (2 when no image could be processed). Images are read as training reads them (16-bit and
 float images scaled to 8 bits, isda/data/image_io.py).
 Log: one line per input, '<input> -> <output> (<seconds>s): N instances' ('<input> (not saved,
 <seconds>s): N instances' without --output); N = instances with a score >=
@@ -302,7 +302,7 @@ def run_images(demo, paths, outputs, image_format, logger):
             instances, vis = demo.run_on_image(image)
         except (OSError, ValueError, MaskMemoryError) as e:
             reason = str(e) if path in str(e) else f"{path}: {e}"
-            logger.error("skipped %s", reason)
+            print(f"error: {reason} (skipped)", file=sys.stderr)
             failed.append((path, reason))
             continue
         seconds = time.time() - start
@@ -375,8 +375,9 @@ def main(argv=None):
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
                                  exported=args.exported, min_drawing_side=args.min_drawing_side)
         if args.input:
-            if run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger):
-                return 1  # the other images were processed; the failures are logged above
+            failed = run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger)
+            if failed:  # printed above; 2 when no image could be processed, else 1
+                return 2 if len(failed) == len(paths) else 1
         else:
             run_video(demo, args.video_input, output, logger)
     except (DemoError, FileNotFoundError, OSError, CheckpointError, MaskMemoryError) as e:

@@ -446,7 +446,8 @@ def test_demo_skips_a_corrupt_image_in_a_folder_and_exits_1(tmp_path, capfd):
     assert code == 1
     assert sorted(os.listdir(tmp_path / "vis")) == ["a_good.png", "c_good.png"]
     text = "".join(capfd.readouterr())
-    assert "b_corrupt.png" in text and "1 of 3 images failed" in text
+    assert "error: cannot read image" in text and "b_corrupt.png" in text
+    assert "1 of 3 images failed" in text
 
 
 def test_model_final_cannot_be_resumed_past_its_iteration(tmp_path):
