@@ -26,8 +26,12 @@ from detectron2.utils.logger import setup_logger
 from isda import add_isda_config
 from isda.checkpoint import ISDACheckpointer as Checkpointer
 from isda.config import resolve_device
-from isda.engine import Trainer, launch_cpu, prepare_output_dir, save_results  # noqa: F401
+from isda.engine import (Trainer, launch_cpu, lock_output_dir, prepare_output_dir,  # noqa: F401
+                         save_results)
 from isda.engine.launch import dist_timeout
+from isda.engine.trainer import check_solver_config
+from isda.utils.cli import parse_args_anywhere
+from isda.utils.logs import quiet_setup_logs
 from isda.utils.setup_file import run_setup_file
 
 
@@ -48,10 +52,15 @@ def setup(args):
                       f"MODEL.DEVICE={cfg.MODEL.DEVICE}")
         cfg.SOLVER.AMP.ENABLED = False
     cfg.freeze()
+    if not getattr(args, "eval_only", False):
+        check_solver_config(cfg)  # SOLVER.MAX_ITER 0 / -1: refused before anything is written
     moved = None
     if not getattr(args, "eval_only", False) and comm.is_main_process():
-        # before default_setup writes config.yaml and log.txt into OUTPUT_DIR
+        # before default_setup writes config.yaml and log.txt into OUTPUT_DIR: one training run
+        # per folder (an OS lock, released when the process ends), then the earlier-run policy
+        lock_output_dir(cfg.OUTPUT_DIR)
         moved = prepare_output_dir(cfg, resume=getattr(args, "resume", False))
+    quiet_setup_logs()  # one line instead of the ANSI-coloured config dump; no CUDA_HOME notice
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")
     if moved:
@@ -103,7 +112,8 @@ def argument_parser():
 
 def cli(argv=None):
     parser = argument_parser()
-    args = parser.parse_args(argv)
+    # options are accepted after the KEY VALUE overrides too (e.g. "... MODEL.WEIGHTS x --resume")
+    args = parse_args_anywhere(parser, argv)
     print("Command Line Args:", args)
     timeout = dist_timeout(args.dist_timeout)
     if args.num_cpu_procs > 1:

@@ -22,13 +22,15 @@ import time
 import cv2
 import isda  # noqa: F401  first: registers ISDA and quiets Detectron2's import-time warnings
 from detectron2.config import get_cfg
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from predictor import VisualizationDemo  # noqa: E402
 
 from isda import add_isda_config
+from isda.data.image_io import read_image  # noqa: E402  (training's reader: 16-bit scaled)
+from isda.modeling.postprocess import MaskMemoryError  # noqa: E402
+from isda.utils.cli import parse_args_anywhere  # noqa: E402
 from isda.utils.setup_file import run_setup_file  # noqa: E402
 from isda.checkpoint import CheckpointError  # noqa: E402
 
@@ -57,6 +59,9 @@ one of the above gets '.png' appended. An image given twice (e.g. by a folder an
 processed once. An output path that is an input file, two inputs with the same output, or an
 output path that is an existing folder is refused before anything is written (exit status 2,
 the file named). Existing files that are not inputs are replaced.
+An image that cannot be read (corrupt, truncated) is skipped with an 'error: ...' line and the
+others are processed; the exit status is then 1 (2 when no image could be processed). Images are read as training reads them (16-bit and
+float images scaled to 8 bits, isda/data/image_io.py).
 Log: one line per input, '<input> -> <output> (<seconds>s): N instances' ('<input> (not saved,
 <seconds>s): N instances' without --output); N = instances with a score >=
 --confidence-threshold, i.e. the ones drawn; a video ends with 'F frames, N instances' (N summed
@@ -80,6 +85,12 @@ def setup_cfg(args):
     if getattr(args, "allow_random_weights", False) and not cfg.MODEL.WEIGHTS \
             and "ALLOW_PARTIAL_WEIGHTS" in cfg.MODEL.ISDA:
         cfg.MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS = True
+    threshold = getattr(args, "confidence_threshold", None)
+    if threshold is not None and "SCORE_THRESHOLD" in cfg.MODEL.ISDA.TEST:
+        # only the instances drawn get full-size masks: memory in proportion to them, not to
+        # TOPK x the image size (a 12000x12000 image needed 13.4 GiB of masks)
+        cfg.MODEL.ISDA.TEST.SCORE_THRESHOLD = max(cfg.MODEL.ISDA.TEST.SCORE_THRESHOLD,
+                                                  float(threshold))
     cfg.freeze()
     return cfg
 
@@ -281,14 +292,27 @@ def _where(out, seconds):
 
 
 def run_images(demo, paths, outputs, image_format, logger):
+    """Predict and draw each image; an image that cannot be read or predicted is reported and
+    skipped (the others go on). Returns the list of (path, reason) that failed."""
+    failed = []
     for path, out in zip(paths, outputs):
-        image = _read(path, image_format)
-        start = time.time()
-        instances, vis = demo.run_on_image(image)
+        try:
+            image = _read(path, image_format)
+            start = time.time()
+            instances, vis = demo.run_on_image(image)
+        except (OSError, ValueError, MaskMemoryError) as e:
+            reason = str(e) if path in str(e) else f"{path}: {e}"
+            print(f"error: {reason} (skipped)", file=sys.stderr)
+            failed.append((path, reason))
+            continue
         seconds = time.time() - start
         if out is not None:
             write_image(out, vis.get_image())
         logger.info(f"{path}{_where(out, seconds)}: {len(instances)} instances")
+    if failed and len(paths) > 1:
+        logger.error("%d of %d images failed: %s", len(failed), len(paths),
+                     ", ".join(p for p, _ in failed[:10]) + (" ..." if len(failed) > 10 else ""))
+    return failed
 
 
 def run_video(demo, path, out, logger):
@@ -330,7 +354,7 @@ def run_video(demo, path, out, logger):
 
 def main(argv=None):
     parser = get_parser()
-    args = parser.parse_args(argv)
+    args = parse_args_anywhere(parser, argv)
     logger = setup_logger(name="isda.demo")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if bool(args.input) == bool(args.video_input):
@@ -351,10 +375,12 @@ def main(argv=None):
         demo = VisualizationDemo(cfg, confidence_threshold=args.confidence_threshold,
                                  exported=args.exported, min_drawing_side=args.min_drawing_side)
         if args.input:
-            run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger)
+            failed = run_images(demo, paths, outputs, cfg.INPUT.FORMAT, logger)
+            if failed:  # printed above; 2 when no image could be processed, else 1
+                return 2 if len(failed) == len(paths) else 1
         else:
             run_video(demo, args.video_input, output, logger)
-    except (DemoError, FileNotFoundError, OSError, CheckpointError) as e:
+    except (DemoError, FileNotFoundError, OSError, CheckpointError, MaskMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -57,6 +57,7 @@ class VisualizationDemo:
             from isda.export.onnx_predictor import load_predictor
 
             self.predictor = load_predictor(exported)
+            self.predictor.score_threshold = float(confidence_threshold)  # masks drawn only
             num_classes = int(self.predictor.meta.get("num_classes", 0))
             names = self.predictor.meta.get("class_names") or self.metadata.get("thing_classes")
         else:

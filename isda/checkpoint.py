@@ -65,9 +65,14 @@ __all__ = [
     "umask_file_mode",
     "ALLOW_NON_FINITE_ENV",
     "CHECKSUM_KEY",
+    "FINAL_NAME",
+    "MODEL_ONLY_KEY",
 ]
 
 ALLOW_NON_FINITE_ENV = "ISDA_ALLOW_NON_FINITE_WEIGHTS"
+#: ``model_final.pth`` holds the model only (plus "iteration" and this flag set to True)
+FINAL_NAME = "model_final"
+MODEL_ONLY_KEY = "isda_model_only"
 CHECKSUM_KEY = "isda_sha256"
 _logger = logging.getLogger(__name__)
 
@@ -156,7 +161,30 @@ def _global_detail(exc):
     return lines[0] if lines else str(exc).splitlines()[0]
 
 
+#: first bytes of what ``torch.save`` writes: a zip archive (torch >= 1.6) or a pickle
+_PTH_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def _check_pth_magic(filename):
+    """A file that is neither a zip archive nor a pickle is no checkpoint at all (a text file,
+    random bytes, an HTML error page saved as ``.pth``): say so, naming it."""
+    with open(filename, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CorruptCheckpointError(f"Cannot read checkpoint '{filename}': the file is empty")
+    if not head.startswith(_PTH_MAGICS):
+        kind = "a text file" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else \
+            "unknown binary data"
+        raise CorruptCheckpointError(
+            f"Cannot read checkpoint '{filename}': it is not a checkpoint (it starts like "
+            f"{kind}, {head!r}, not like a file written by torch.save: a zip archive or a "
+            "pickle). Check MODEL.WEIGHTS, or download the file again")
+
+
 def _load_pth(filename):
+    if os.path.isdir(filename):
+        raise CheckpointNotFoundError(_folder_message(filename))
+    _check_pth_magic(filename)
     try:
         with torch.serialization.safe_globals(_safe_pth_globals()), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -173,7 +201,8 @@ def _load_pth(filename):
             f"Cannot read checkpoint '{filename}': it is truncated or corrupt ({e})") from None
     except (FileNotFoundError, PermissionError):
         raise
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            IndexError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint '{filename}': it is truncated or corrupt "
             f"({type(e).__name__}: {e})") from None
@@ -354,12 +383,34 @@ def _check_loaded(filename, data, allow_non_finite=None):
         _logger.warning("%s; loaded anyway (%s=1)", msg, ALLOW_NON_FINITE_ENV)
 
 
+def _folder_message(path):
+    hint = ""
+    last = os.path.join(path, "last_checkpoint")
+    if os.path.isfile(last):
+        with open(last) as f:
+            hint = f" (its last_checkpoint names '{os.path.join(path, f.read().strip())}')"
+    return (f"Checkpoint '{path}' is a folder, not a checkpoint file: give the file "
+            f"itself{hint}")
+
+
+def _check_values(filename, state_dict):
+    """Every weight must be a tensor or a numpy array: name the first entry that is not."""
+    for key, value in state_dict.items():
+        if not (torch.is_tensor(value) or isinstance(value, np.ndarray)):
+            raise CorruptCheckpointError(
+                f"Cannot load checkpoint '{filename}': its weight '{key}' is a "
+                f"{type(value).__name__}, not a tensor; this file is not a model checkpoint "
+                "(or not one ISDA can read)")
+
+
 def load_checkpoint_file(filename, allow_non_finite=None):
     """Load ``filename`` safely into Detectron2's checkpoint layout:
     ``{"model": state_dict, "matching_heuristics": bool, ...}``.
 
     The content checksum of a file written by ISDA is verified, and non-finite tensors are
     refused (``allow_non_finite``: default from ``ISDA_ALLOW_NON_FINITE_WEIGHTS``)."""
+    if os.path.isdir(filename):
+        raise CheckpointNotFoundError(_folder_message(filename))
     if not os.path.isfile(filename):
         raise CheckpointNotFoundError(f"Checkpoint '{filename}' not found")
     if filename.endswith(".safetensors"):
@@ -389,6 +440,7 @@ def load_checkpoint_file(filename, allow_non_finite=None):
         state_dict, extra = _unwrap(data)
     except CheckpointError as e:
         raise CheckpointError(f"'{filename}': {e}") from None
+    _check_values(filename, state_dict)
     out = dict(extra)
     out["model"] = _to_tensors(state_dict)
     return out
@@ -458,6 +510,16 @@ def _os_error_in_chain(exc):
     return None
 
 
+def _interrupt_in_chain(exc):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _atomic_write(path, write, binary=True):
     """``write(f)`` into a temporary file beside ``path``; fsync, chmod to the umask's mode,
     rename. On failure the temporary file is removed and ``path`` is unchanged; an OSError
@@ -476,6 +538,13 @@ def _atomic_write(path, write, binary=True):
             os.unlink(tmp)
         except OSError:
             pass
+        interrupt = _interrupt_in_chain(e)
+        if interrupt is not None and interrupt is not e:
+            # Ctrl-C inside torch.save: its zip writer then fails on closing the half-written
+            # archive ("inline_container.cc ... PytorchStreamWriter failed"), which would hide
+            # the interruption; path is unchanged and the temporary file is removed
+            raise KeyboardInterrupt(f"interrupted while writing {path} (left unchanged)") \
+                from None
         os_error = _os_error_in_chain(e) if isinstance(e, Exception) else None
         if os_error is not None:
             reason = os_error.strerror or os.strerror(os_error.errno)
@@ -551,6 +620,8 @@ class ISDACheckpointer(DetectionCheckpointer):
                 "No weights to load (MODEL.WEIGHTS is empty): evaluating or running a randomly "
                 "initialised model gives meaningless results. Give MODEL.WEIGHTS, or set "
                 "MODEL.ISDA.ALLOW_PARTIAL_WEIGHTS True to run without weights")
+        if path and "://" not in path and os.path.isdir(path):
+            raise CheckpointNotFoundError(_folder_message(path))
         if path and "://" not in path and not os.path.isfile(path):
             raise CheckpointNotFoundError(f"Checkpoint '{path}' not found")
         try:
@@ -568,10 +639,24 @@ class ISDACheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)
-        if self.allow_partial or incompatible is None:
+        if incompatible is None:
             return incompatible
         problems = []
         # Detectron2 drops mis-shaped parameters before loading: they are listed as such only
+        if getattr(self, "refuse_mis_shaped", False) and incompatible.incorrect_shapes:
+            shapes = sorted(incompatible.incorrect_shapes)
+            keys = {k for k, _, _ in shapes}
+            hint = (" MODEL.ISDA.NUM_CLASSES differs from the run's (the class head has another "
+                    "shape)." if any("class_embed" in k for k in keys) else "")
+            filename = getattr(self, "_loading", "the checkpoint")
+            raise IncompleteCheckpointError(
+                f"--resume: '{filename}' does not match this config's model;{hint} Parameters "
+                "of another shape (in the file vs in the model):\n"
+                + "\n".join(f"    {k} {tuple(a)} vs {tuple(b)}" for k, a, b in shapes[:20])
+                + "\nA resume continues the same model: use the run's config, or start a new "
+                "run (another OUTPUT_DIR) with MODEL.WEIGHTS pointing at this file to fine-tune")
+        if self.allow_partial or incompatible is None:
+            return incompatible
         shaped = {k for k, _, _ in incompatible.incorrect_shapes}
         missing = [k for k in incompatible.missing_keys if k not in shaped]
         if missing:
@@ -608,8 +693,14 @@ class ISDACheckpointer(DetectionCheckpointer):
         if not self._is_local():
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
+        if name == FINAL_NAME:
+            # the weights to share: the model alone (a third of a resumable checkpoint, which
+            # adds the optimizer's two moments per parameter); the periodic model_XXXXXXX.pth
+            # files keep the optimizer, scheduler and hook states for --resume
+            data[MODEL_ONLY_KEY] = True
+        else:
+            for key, obj in self.checkpointables.items():
+                data[key] = obj.state_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)

@@ -5,6 +5,46 @@ import torch
 from detectron2.config import CfgNode as CN
 
 
+_said = set()
+
+
+class ISDACfgNode(CN):
+    """Detectron2's ``CfgNode`` whose merges (``merge_from_file``, ``merge_from_list``,
+    ``merge_from_other_cfg``) resolve ``MODEL.DEVICE auto`` at once, so that no "auto" is left
+    for Detectron2 (``DefaultPredictor``, ``build_model``, ``DefaultTrainer``) to choke on.
+    :func:`add_isda_config` gives the root of a config this class; its sub-nodes stay plain
+    ``CfgNode`` (yacs type-checks sub-nodes when merging). Clones and pickles keep it."""
+
+    @classmethod
+    def _create_config_tree_from_dict(cls, dic, key_list):
+        return CN._create_config_tree_from_dict.__func__(CN, dic, key_list)
+
+    @classmethod
+    def _decode_cfg_value(cls, value):
+        return CN._decode_cfg_value.__func__(CN, value)
+
+    def merge_from_file(self, *args, **kwargs):
+        out = super().merge_from_file(*args, **kwargs)
+        _resolve_merged(self)
+        return out
+
+    def merge_from_list(self, *args, **kwargs):
+        out = super().merge_from_list(*args, **kwargs)
+        _resolve_merged(self)
+        return out
+
+    def merge_from_other_cfg(self, *args, **kwargs):
+        out = super().merge_from_other_cfg(*args, **kwargs)
+        _resolve_merged(self)
+        return out
+
+
+def _resolve_merged(cfg):
+    model = cfg.get("MODEL") if hasattr(cfg, "get") else None
+    if model is not None and model.get("DEVICE") == "auto" and not cfg.is_frozen():
+        resolve_device(cfg)
+
+
 def add_isda_config(cfg):
     """Add ISDA's own keys (``MODEL.ISDA.*``, ``MODEL.CPU_FAST_PATHS``, the solver and input
     extras) to ``cfg``, with the authors' R50 setting as defaults (``docs/model.md``). Detectron2's
@@ -70,6 +110,12 @@ def add_isda_config(cfg):
     isda.TEST.MASK_THRESHOLD = 0.5
     # pixels per chunk when upsampling masks to the original size (bounds peak memory)
     isda.TEST.CHUNK_PIXELS = 1 << 25
+    # full-size masks only for instances scoring at least this (0: all TOPK; the demo sets it
+    # to --confidence-threshold), and at most this many bytes of them per image: above it,
+    # inference stops with MaskMemoryError instead of failing to allocate [TOPK, H, W] booleans
+    # (a 12000x12000 image with TOPK 100 would need 13.4 GiB)
+    isda.TEST.SCORE_THRESHOLD = 0.0
+    isda.TEST.MAX_MASK_BYTES = 1 << 32
     # "fp32", or "bf16": inference runs the network under bf16 autocast (about 2x the
     # arithmetic rate on CPUs with AVX512-BF16 / AMX; docs/benchmarks.md), the mask product and
     # post-processing in fp32; evaluation, the predictor and the demo all follow it
@@ -123,20 +169,27 @@ def add_isda_config(cfg):
     cfg.INPUT.ISDA.RANDOM_TRANSPOSE = 0.0
     if not hasattr(cfg.SOLVER, "AMP"):
         cfg.SOLVER.AMP = CN({"ENABLED": False})
+    # MODEL.DEVICE "auto" (ISDA's configs) becomes "cuda" or "cpu" as soon as it is merged
+    if type(cfg) is CN:  # (another config class is left as it is: resolve_device() then)
+        object.__setattr__(cfg, "__class__", ISDACfgNode)
+    _resolve_merged(cfg)
     return cfg
 
 
 def resolve_device(cfg) -> str:
     """``MODEL.DEVICE "auto"`` (ISDA's configs) -> ``"cuda"`` when CUDA is available, else
-    ``"cpu"`` with one warning line; any other value is kept (a literal ``cuda`` without CUDA
+    ``"cpu"`` (one log line per process). A config given to :func:`add_isda_config` does this
+    by itself after every merge; any other value is kept (a literal ``cuda`` without CUDA
     stays an error where the model is built). Call before ``cfg.freeze()``; returns the device."""
     if cfg.MODEL.DEVICE == "auto":
         if torch.cuda.is_available():
             cfg.MODEL.DEVICE = "cuda"
         else:
             cfg.MODEL.DEVICE = "cpu"
-            logging.getLogger("isda").warning(
-                "MODEL.DEVICE auto: no CUDA device available, running on the CPU")
+            if "cpu" not in _said:  # once per process
+                _said.add("cpu")
+                logging.getLogger("isda").info(
+                    "MODEL.DEVICE auto: no CUDA device available, running on the CPU")
     return cfg.MODEL.DEVICE
 
 

@@ -147,8 +147,9 @@ def test_publish_model(tmp_path):
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ckpt = ISDACheckpointer(model, save_dir=str(tmp_path / "train"), optimizer=opt)
-    ckpt.save("model_final", iteration=299)
-    info = tool.publish(str(tmp_path / "train" / "model_final.pth"), str(tmp_path / "pub"),
+    # a resumable checkpoint (model_final.pth holds the model only since issue 31)
+    ckpt.save("model_0000299", iteration=299)
+    info = tool.publish(str(tmp_path / "train" / "model_0000299.pth"), str(tmp_path / "pub"),
                         name="isda_tiny")
     pth, sft = info["pth"], info["safetensors"]
     md5 = _md5(pth)

@@ -173,7 +173,7 @@ def test_unusable_annotations_name_file_and_annotation(voc):
     good = rec["annotations"][0]
     m = at_native_size(rec)
     nan_poly = dict(good, segmentation=[[1.0, 2.0, float("nan"), 4.0, 5.0, 6.0]])
-    with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 has non-finite"):
+    with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 \(id \d+\) has non-finite"):
         m(dict(rec, annotations=[good, nan_poly]))
     rle = mask_util.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))  # wrong size
     with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #0"):
@@ -236,7 +236,7 @@ def test_polygon_far_outside_the_image_is_refused_before_rasterising(voc, scale)
     rec, _ = voc
     good = rec["annotations"][0]
     far = [[v * scale for v in p] for p in good["segmentation"]]
-    with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 has polygon "
+    with pytest.raises(BadSampleError, match=r"2011_000003\.jpg: annotation #1 \(id \d+\) has polygon "
                                              r"coordinates outside the frame"):
         at_native_size(rec)(dict(rec, annotations=[good, dict(good, segmentation=far)]))
 

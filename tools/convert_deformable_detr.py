@@ -326,9 +326,15 @@ def main(argv=None):
         os.path.dirname(os.path.abspath(__file__)), "..", "configs", "Base-ISDA.yaml"),
         help="ISDA config of the target model (default: configs/Base-ISDA.yaml, R50, 80 classes)")
     parser.add_argument("--report", help="JSON report path (default: OUTPUT with .json)")
+    parser.add_argument("--setup-file", metavar="FILE",
+                        help="a Python file run first (your registrations), as for train_net.py")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides, KEY VALUE pairs")
-    args = parser.parse_args(argv)
+    from isda.utils.cli import parse_args_anywhere
+    from isda.utils.setup_file import run_setup_file
+
+    args = parse_args_anywhere(parser, argv)
+    run_setup_file(args.setup_file)
 
     from isda.checkpoint import atomic_torch_save, load_checkpoint_file
 

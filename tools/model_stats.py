@@ -43,8 +43,14 @@ def main(argv=None):
                    help="model config (default configs/Base-ISDA.yaml)")
     p.add_argument("--size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"),
                    help="input size for the FLOP count (default 800 1216)")
+    p.add_argument("--setup-file", metavar="FILE",
+                   help="a Python file run first (your registrations), as for train_net.py")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = p.parse_args(argv)
+    from isda.utils.cli import parse_args_anywhere
+    from isda.utils.setup_file import run_setup_file
+
+    args = parse_args_anywhere(p, argv)
+    run_setup_file(args.setup_file)
 
     cfg = get_cfg()
     isda.add_isda_config(cfg)

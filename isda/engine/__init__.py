@@ -5,10 +5,11 @@ an ``OUTPUT_DIR`` holding an earlier run (see docs/reliability.md)."""
 from .hooks import BadSampleCounter, LossLogger, RNGStateHook
 from .launch import launch_cpu
 from .loader import ResumableTrainLoader, build_resumable_train_loader
-from .output_dir import EarlierRunError, prepare_output_dir
+from .output_dir import EarlierRunError, OutputDirBusyError, lock_output_dir, prepare_output_dir
 from .sampler import ResumableBatchSampler
 from .trainer import Trainer, save_results
 
-__all__ = ["Trainer", "save_results", "EarlierRunError", "prepare_output_dir",
+__all__ = ["Trainer", "save_results", "EarlierRunError", "OutputDirBusyError", "lock_output_dir",
+           "prepare_output_dir",
            "BadSampleCounter", "LossLogger", "RNGStateHook", "launch_cpu",
            "ResumableTrainLoader", "build_resumable_train_loader", "ResumableBatchSampler"]

@@ -1,12 +1,20 @@
 """What a new training run does with an ``OUTPUT_DIR`` that holds an earlier run
 (``OUTPUT_DIR_EXISTING``: ``refuse``, the default, or ``move`` it to ``previous-<timestamp>/``)."""
+import atexit
 import datetime
+import fcntl
 import fnmatch
 import os
 import shutil
+import socket
+import sys
 
-__all__ = ["EarlierRunError", "earlier_run_records", "earlier_run_message", "prepare_output_dir",
-           "RUN_RECORDS", "RUN_OUTPUTS"]
+__all__ = ["EarlierRunError", "OutputDirBusyError", "earlier_run_records", "earlier_run_message",
+           "prepare_output_dir", "lock_output_dir", "RUN_RECORDS", "RUN_OUTPUTS", "LOCK_NAME"]
+
+#: the lock file of a training run in OUTPUT_DIR (its content names the process holding it)
+LOCK_NAME = ".isda-train.lock"
+_held = {}  # real path of OUTPUT_DIR -> open lock file (held until the process exits)
 
 # files that show an earlier training run in OUTPUT_DIR (non-empty ones)
 RUN_RECORDS = ("last_checkpoint", "losses.jsonl", "metrics.json", "model_*.pth")
@@ -17,6 +25,70 @@ RUN_OUTPUTS = RUN_RECORDS + ("config.yaml", "log.txt", "log.txt.rank*", "events.
 
 class EarlierRunError(FileExistsError):
     """A training run without --resume was started in an OUTPUT_DIR holding an earlier run."""
+
+
+class OutputDirBusyError(RuntimeError):
+    """Another live process trains in the same OUTPUT_DIR (it holds the folder's lock)."""
+
+
+def lock_output_dir(output_dir):
+    """Take the OS-level lock of a training run on ``output_dir`` (``flock`` on
+    ``OUTPUT_DIR/.isda-train.lock``, created with the folder), or raise
+    :class:`OutputDirBusyError` naming the folder and the process that holds it. The lock is
+    held until this process exits (the kernel releases it even on SIGKILL); taking it again in
+    the same process is a no-op. Call before the run writes anything into the folder."""
+    os.makedirs(output_dir, exist_ok=True)
+    key = os.path.realpath(output_dir)
+    if key in _held:
+        return _held[key][0]
+    path = os.path.join(output_dir, LOCK_NAME)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has just started"
+            f.close()
+            break
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            holder = None
+            break
+        f.close()  # the previous holder removed the file as we opened it: lock the new one
+    if holder is not None:
+        raise OutputDirBusyError(
+            f"OUTPUT_DIR '{output_dir}' is in use by another training run ({holder}). Two runs "
+            "in one folder would mix their logs, losses and checkpoints, so this one was not "
+            "started and nothing was written. Wait for the other to end, or choose another "
+            "OUTPUT_DIR") from None
+    f.seek(0)
+    f.truncate()
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+            f"{' '.join(sys.argv)[:300]}\n")
+    f.flush()
+    _held[key] = (f, path)
+    if len(_held) == 1:
+        atexit.register(_release_all)
+    return f
+
+
+def _release_all():
+    """At exit: remove the lock files this process holds (then release them), so a finished
+    run leaves no file behind. A killed process leaves its file, whose lock the kernel has
+    released: the next run takes it."""
+    for key, (f, path) in list(_held.items()):
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+        f.close()
+        del _held[key]
 
 
 def earlier_run_records(output_dir) -> list:

@@ -26,17 +26,19 @@ from detectron2.utils.events import CommonMetricPrinter, TensorboardXWriter
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import (CheckpointNotFoundError, CorruptCheckpointError, ISDACheckpointer,
-                          atomic_write_text, clean_stale_temp_files)
+from ..checkpoint import (MODEL_ONLY_KEY, CheckpointError, CheckpointNotFoundError,
+                          CorruptCheckpointError, ISDACheckpointer, atomic_write_text,
+                          clean_stale_temp_files)
 from ..data.catalog import dataset_dicts
 from ..data.dataset_mapper import ISDADatasetMapper
 from ..solver import build_isda_lr_scheduler, build_isda_optimizer
 from ..utils.env import detectron2_has_compiled_ops
 from .hooks import BadSampleCounter, LossLogger, RNGStateHook, StrictJSONWriter, dumps_strict
 from .loader import build_resumable_train_loader
-from .output_dir import EarlierRunError, earlier_run_message, earlier_run_records
+from .output_dir import (EarlierRunError, earlier_run_message, earlier_run_records,
+                         lock_output_dir)
 
-__all__ = ["Trainer", "save_results"]
+__all__ = ["Trainer", "save_results", "check_solver_config"]
 
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with ISDA's data, evaluation, optimiser and checkpointer."""
@@ -45,8 +47,11 @@ class Trainer(DefaultTrainer):
         # DefaultTrainer.__init__ (v0.6), except: DDP also on the CPU (no device_ids there),
         # ISDA's checkpointer, and the reliability hooks.
         TrainerBase.__init__(self)
+        check_solver_config(cfg)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        if comm.is_main_process():  # one training run per OUTPUT_DIR at a time
+            lock_output_dir(cfg.OUTPUT_DIR)
         # what an earlier run left here, seen before this one creates any file (checked by
         # resume_or_load(resume=False): setup() normally deals with it first)
         self._earlier_run = earlier_run_records(cfg.OUTPUT_DIR) if comm.is_main_process() else []
@@ -104,10 +109,25 @@ class Trainer(DefaultTrainer):
         try:
             super().run_step()
         except FloatingPointError as e:
-            if "iteration=" in str(e):
+            note = self._resumed_weights_note()
+            if "iteration=" in str(e) and not note:
                 raise
-            raise FloatingPointError(f"at iteration={self.iter}: {e}") from e
+            where = "" if "iteration=" in str(e) else f"at iteration={self.iter}: "
+            raise FloatingPointError(f"{where}{e}{note}") from e
         self._trainer.optimizer.zero_grad(set_to_none=True)
+
+    def _resumed_weights_note(self) -> str:
+        """On the first iteration after a resume, a non-finite loss comes from the checkpoint
+        itself (e.g. weights blown up by a huge learning rate before it was saved): every
+        resume from it fails the same way, so the error says so."""
+        path = getattr(self, "_resumed_from", None)
+        if not path or self.iter != self.start_iter:
+            return ""
+        return (f"\nThis is the first iteration after resuming from '{path}': the weights or "
+                "optimizer state in that checkpoint give non-finite values, so every --resume "
+                "from it will fail the same way. Resume from an earlier model_XXXXXXX.pth "
+                "(write its name into last_checkpoint), or start afresh (another OUTPUT_DIR, "
+                "or OUTPUT_DIR_EXISTING move) with a lower SOLVER.BASE_LR")
 
     def state_dict(self):
         # v0.6's DefaultTrainer does not save its SimpleTrainer's state (the optimizer); later
@@ -138,12 +158,24 @@ class Trainer(DefaultTrainer):
             raise EarlierRunError(earlier_run_message(
                 self.cfg.OUTPUT_DIR, self._earlier_run, "training was not started (start through "
                 "train_net.setup() to apply OUTPUT_DIR_EXISTING)"))
+        resuming = resume and self.checkpointer.has_checkpoint()
+        # a resume continues the same model: a parameter of another shape (e.g. another
+        # MODEL.ISDA.NUM_CLASSES) is refused here, before the optimizer state fails to load
+        self.checkpointer.refuse_mis_shaped = resuming
         try:
-            super().resume_or_load(resume=resume)
+            # DefaultTrainer.resume_or_load (v0.6 and later), keeping what the file holds
+            checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+            if resuming:
+                self._continue_after(checkpoint)
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-            if not (resume and self.checkpointer.has_checkpoint()):
+            if not resuming:
                 raise
             self._resume_from_previous(e)
+        finally:
+            self.checkpointer.refuse_mis_shaped = False
+        # the file the resume loaded (an earlier one when the last was corrupt)
+        self._resumed_from = (getattr(self.checkpointer, "_loading", None)
+                              or self.checkpointer.get_checkpoint_file()) if resuming else None
         loader = self._trainer.data_loader
         if hasattr(loader, "set_start"):
             loader.set_start(self.start_iter)
@@ -153,6 +185,38 @@ class Trainer(DefaultTrainer):
                 logging.getLogger("isda").info(
                     "metrics.json: dropped %d line(s) of iterations >= %d (replayed now)",
                     dropped, self.start_iter)
+
+    def _continue_after(self, checkpoint):
+        """start_iter after loading a checkpoint on --resume. ``model_final.pth`` holds the
+        model only (no optimizer, schedule or random states): a finished run stays finished;
+        continuing it past its iteration is refused with what to do instead."""
+        checkpoint = checkpoint or {}
+        if checkpoint.get(MODEL_ONLY_KEY):
+            done = int(checkpoint.get("iteration", -1))
+            path = self.checkpointer.get_checkpoint_file()
+            full = os.path.join(os.path.dirname(path), f"model_{done:07d}.pth")
+            if done + 1 < self.max_iter and os.path.isfile(full):
+                # the periodic checkpoint of the same iteration holds the optimizer state
+                logging.getLogger("isda").info(
+                    "--resume: '%s' holds the model only; continuing from '%s' (same iteration "
+                    "%d, with the optimizer, schedule and random states)", path, full, done)
+                self.checkpointer._loading = full
+                self.checkpointer.load(full)
+                self.start_iter = self.iter + 1
+                return
+            if done + 1 < self.max_iter:
+                raise CheckpointError(
+                    f"--resume: '{path}' holds the final weights only (iteration {done}, no "
+                    "optimizer, schedule or random states), so this run cannot continue to "
+                    f"SOLVER.MAX_ITER {self.max_iter}. Start a new run from these weights "
+                    f"(MODEL.WEIGHTS {path}, another OUTPUT_DIR), or write the name of a "
+                    "periodic checkpoint (model_XXXXXXX.pth) into last_checkpoint to resume "
+                    "from it")
+            self.iter = done
+            logging.getLogger("isda").warning(
+                "--resume: '%s' is the final checkpoint of a finished run (iteration %d, "
+                "SOLVER.MAX_ITER %d): nothing left to train", path, done, self.max_iter)
+        self.start_iter = self.iter + 1
 
     def _resume_from_previous(self, error):
         log = logging.getLogger("isda")
@@ -175,6 +239,7 @@ class Trainer(DefaultTrainer):
                         error, path, "last_checkpoint is left as it is" if missing
                         else "the corrupt file is left in place")
             self.start_iter = self.iter + 1
+            self.checkpointer._loading = path
             return
         cls = CheckpointNotFoundError if missing else CorruptCheckpointError
         raise cls(f"{error}\nNo earlier loadable checkpoint in '{folder}': "
@@ -188,9 +253,11 @@ class Trainer(DefaultTrainer):
         if evaluator_type not in ("coco", "coco_panoptic_seg", "lvis"):
             raise NotImplementedError(f"no evaluator for {dataset_name} (type {evaluator_type})")
         # the C++ fast evaluation only when this Detectron2 was compiled; identical numbers
-        return COCOEvaluator(dataset_name, tasks=("segm",), distributed=True,
-                             output_dir=output_folder,
-                             use_fast_impl=detectron2_has_compiled_ops())
+        evaluator = COCOEvaluator(dataset_name, tasks=("segm",), distributed=True,
+                                  output_dir=output_folder,
+                                  use_fast_impl=detectron2_has_compiled_ops())
+        check_num_classes(cfg, dataset_name)
+        return evaluator
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -212,6 +279,32 @@ class Trainer(DefaultTrainer):
         # warm-up and steps may be fractions of SOLVER.MAX_ITER (SOLVER.WARMUP_FRACTION,
         # SOLVER.STEP_FRACTIONS)
         return build_isda_lr_scheduler(cfg, optimizer)
+
+
+def check_num_classes(cfg, dataset_name) -> bool:
+    """Warn when the dataset's categories and the model's classes differ in number (a 2-class
+    model on a 3-category dataset: the third category can only get AP 0, or classes are
+    mismatched). Returns whether they agree (True when the dataset has no class names)."""
+    names = MetadataCatalog.get(dataset_name).get("thing_classes", None)
+    num = cfg.MODEL.ISDA.NUM_CLASSES
+    if names is None or len(names) == num:
+        return True
+    logging.getLogger("isda").warning(
+        "dataset '%s' has %d categories (%s) but the model predicts MODEL.ISDA.NUM_CLASSES = %d "
+        "classes: categories beyond the model's get no detection (AP 0) and the metrics mean "
+        "little unless the classes correspond", dataset_name, len(names),
+        ", ".join(map(str, names[:8])) + (" ..." if len(names) > 8 else ""), num)
+    return False
+
+
+def check_solver_config(cfg):
+    """Refuse a schedule that cannot train (before anything is built or written)."""
+    max_iter = cfg.SOLVER.MAX_ITER
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"SOLVER.MAX_ITER must be a positive number of iterations, got "
+                         f"{max_iter!r}")
+    if cfg.SOLVER.IMS_PER_BATCH < 1:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH must be >= 1, got {cfg.SOLVER.IMS_PER_BATCH!r}")
 
 
 def save_results(cfg, results) -> str:

@@ -52,8 +52,8 @@ def _example(image: torch.Tensor) -> torch.Tensor:
     if h < MIN_SIZE or w < MIN_SIZE:
         image = torch.nn.functional.pad(image, (0, max(MIN_SIZE - w, 0), 0, max(MIN_SIZE - h, 0)))
         h, w = image.shape[-2:]
-    if h == w:
-        image = image[..., :w - 1]
+    if h == w:  # one column more (one less would go below MIN_SIZE for a padded example)
+        image = torch.nn.functional.pad(image, (0, 1, 0, 0))
     return image.float().contiguous()
 
 

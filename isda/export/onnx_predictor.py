@@ -53,10 +53,26 @@ class _ExportedPredictor:
         self.mask_stride = int(self.meta["mask_stride"])
         self.mask_threshold = float(self.meta["mask_threshold"])
         self.class_names = self.meta.get("class_names")
+        # full-size masks only for instances scoring at least this (the demo: its threshold)
+        self.score_threshold = 0.0
 
     def run(self, image: np.ndarray):
         """float32 [1, 3, h, w] (h, w >= min_size) -> (scores, classes, mask_logits)."""
         raise NotImplementedError
+
+    def check_network_input(self, image) -> None:
+        """Refuse what the graph cannot take with an error saying why (onnxruntime failed deep
+        in an Add node on a 64 px input): float32 [1, 3, h, w] with h, w >= ``min_size``."""
+        shape = tuple(getattr(image, "shape", ()))
+        if len(shape) != 4 or shape[:2] != (1, 3):
+            raise ValueError(f"{self.model_path}: the graph takes float32 [1, 3, H, W]; got "
+                             f"shape {shape}")
+        if min(shape[2:]) < self.min_size:
+            raise ValueError(
+                f"{self.model_path}: the exported graph needs a height and width >= "
+                f"{self.min_size} px (its backbone's stride-32 features must be at least 3 "
+                f"wide); got {shape[2]}x{shape[3]}. Pad the image (the predictor's __call__ "
+                "does it for you)")
 
     def __call__(self, original_image: np.ndarray, image_format: str = "BGR"):
         """original_image: numpy uint8 [H, W, 3] in ``image_format`` -> {"instances":
@@ -76,7 +92,8 @@ class _ExportedPredictor:
             x = padded
         scores, classes, mask_logits = self.run(x)
         instances = outputs_to_instances(scores, classes, mask_logits, (h, w), (height, width),
-                                         self.mask_stride, self.mask_threshold)
+                                         self.mask_stride, self.mask_threshold,
+                                         score_threshold=self.score_threshold)
         return {"instances": instances}
 
 
@@ -111,6 +128,7 @@ class OnnxPredictor(_ExportedPredictor):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, image):
+        self.check_network_input(image)
         out = dict(zip(self.output_names, self.session.run(None, {self.input_name: image})))
         return out["scores"], out["classes"], out["mask_logits"]
 
@@ -126,6 +144,7 @@ class ExportedProgramPredictor(_ExportedPredictor):
         self.module = self.program.module()
 
     def run(self, image):
+        self.check_network_input(image)
         with torch.no_grad():
             return self.module(torch.from_numpy(image))
 

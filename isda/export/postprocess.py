@@ -57,15 +57,18 @@ def check_outputs(scores: torch.Tensor, classes: torch.Tensor, mask_logits: torc
 @torch.no_grad()
 def outputs_to_instances(scores: ArrayLike, classes: ArrayLike, mask_logits: ArrayLike,
                          image_size: Sequence[int], output_size: Sequence[int] = None,
-                         mask_stride: int = 4, mask_threshold: float = 0.5) -> Instances:
+                         mask_stride: int = 4, mask_threshold: float = 0.5,
+                         score_threshold: float = 0.0) -> Instances:
     """The graph's outputs (numpy arrays or tensors) for one image -> ``Instances`` at
     ``output_size`` (default: ``image_size``). ``mask_stride`` and ``mask_threshold`` are the
     model's (``MODEL.ISDA.MASK_STRIDE``, ``MODEL.ISDA.TEST.MASK_THRESHOLD``; the export's JSON
-    sidecar records them)."""
+    sidecar records them). ``score_threshold``: full-size masks only for instances scoring
+    at least this (``MODEL.ISDA.TEST.SCORE_THRESHOLD``)."""
     scores, classes, mask_logits = _tensor(scores), _tensor(classes), _tensor(mask_logits)
     check_outputs(scores, classes, mask_logits)
     image_size = (int(image_size[0]), int(image_size[1]))
     output_size = image_size if output_size is None else (int(output_size[0]),
                                                           int(output_size[1]))
     return instances_from_topk(scores.float(), classes.long(), mask_logits.float(), image_size,
-                               output_size, int(mask_stride), float(mask_threshold))
+                               output_size, int(mask_stride), float(mask_threshold),
+                               score_threshold=float(score_threshold))

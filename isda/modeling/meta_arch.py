@@ -18,7 +18,7 @@ from .mask_feature_head import MaskFeatureHead
 from .mask_targets import soft_masks_on_grid
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import instances_from_topk, prefers_channels_last, select_topk
+from .postprocess import MAX_MASK_BYTES, instances_from_topk, prefers_channels_last, select_topk
 from .query_selection import QuerySelection, TokenHead
 
 SIZE_DIVISIBILITY = 32
@@ -79,7 +79,8 @@ class ISDA(nn.Module):
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
                  cpu_fast_paths=False, test_precision="fp32", query_selection=None,
-                 dense_criterion=None, dense_head=None):
+                 dense_criterion=None, dense_head=None, score_threshold=0.0,
+                 max_mask_bytes=MAX_MASK_BYTES):
         """``cpu_fast_paths``: convert the built model with
         :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
         CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
@@ -115,6 +116,10 @@ class ISDA(nn.Module):
         self.test_topk = test_topk
         self.mask_threshold = mask_threshold
         self.chunk_pixels = chunk_pixels
+        # inference memory (MODEL.ISDA.TEST.SCORE_THRESHOLD / MAX_MASK_BYTES): full-size masks
+        # only for instances scoring at least score_threshold, and at most max_mask_bytes of them
+        self.score_threshold = float(score_threshold)
+        self.max_mask_bytes = int(max_mask_bytes) if max_mask_bytes else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if cpu_fast_paths:
@@ -174,6 +179,8 @@ class ISDA(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
             "chunk_pixels": c.TEST.CHUNK_PIXELS, "test_precision": c.TEST.PRECISION,
+            "score_threshold": c.TEST.get("SCORE_THRESHOLD", 0.0),
+            "max_mask_bytes": c.TEST.get("MAX_MASK_BYTES", MAX_MASK_BYTES),
             "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
             "query_selection": query_selection,
         }
@@ -325,6 +332,7 @@ class ISDA(nn.Module):
             # (pop: the post-processing holds the only reference to the logits and frees them)
             inst = instances_from_topk(cls_scores, classes, mask_logits.pop(0), image_size,
                                        (height, width), self.mask_stride, self.mask_threshold,
-                                       self.chunk_pixels)
+                                       self.chunk_pixels, score_threshold=self.score_threshold,
+                                       max_mask_bytes=self.max_mask_bytes)
             results.append({"instances": inst})
         return results

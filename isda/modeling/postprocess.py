@@ -73,10 +73,36 @@ def _span(any_mask, margin, n):
     return max(int(idx[0]) - margin, 0), min(int(idx[-1]) + margin, n - 1)
 
 
+#: default bound of the returned boolean masks, ``MODEL.ISDA.TEST.MAX_MASK_BYTES`` (4 GiB)
+MAX_MASK_BYTES = 1 << 32
+
+
+class MaskMemoryError(MemoryError):
+    """The full-size boolean masks of one image would exceed ``MODEL.ISDA.TEST.MAX_MASK_BYTES``."""
+
+
+def _limit_masks(final, output_size, score_threshold, max_mask_bytes):
+    """How many of the sorted instances get full-size masks: those scoring at least
+    ``score_threshold``; refuse (:class:`MaskMemoryError`) when their ``[T, H, W]`` booleans
+    would exceed ``max_mask_bytes``, before anything of that size is allocated."""
+    keep = int((final >= score_threshold).sum()) if score_threshold > 0 else final.shape[0]
+    need = keep * int(output_size[0]) * int(output_size[1])
+    if max_mask_bytes and need > max_mask_bytes:
+        raise MaskMemoryError(
+            f"post-processing would need {need / 2**30:.1f} GiB for {keep} full-size masks of "
+            f"{output_size[0]}x{output_size[1]} px, more than MODEL.ISDA.TEST.MAX_MASK_BYTES "
+            f"({max_mask_bytes / 2**30:.1f} GiB). Keep fewer instances (MODEL.ISDA.TEST."
+            "SCORE_THRESHOLD, which the demo sets to --confidence-threshold, or a lower "
+            "MODEL.ISDA.TEST.TOPK), downscale the image, or raise the limit if the memory is "
+            "there")
+    return keep
+
+
 @torch.no_grad()
 def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_size, mask_stride=4,
                         mask_threshold=0.5, chunk_pixels=1 << 25,
-                        cpu_paths: Optional[bool] = None):
+                        cpu_paths: Optional[bool] = None, score_threshold: float = 0.0,
+                        max_mask_bytes: Optional[int] = MAX_MASK_BYTES):
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
@@ -92,12 +118,19 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     2**23)`` upsampled pixels in batched calls on the union of their masks' windows
     (:func:`_paste_chunks`: no per-mask host syncs, fastest on the GPU; memory beyond the
     returned boolean masks is one chunk). Both give the same masks and boxes.
+
+    Memory: the result holds ``[T, H, W]`` booleans. Only instances scoring at least
+    ``score_threshold`` are kept (0: all T); if their masks would take more than
+    ``max_mask_bytes`` (None: no limit) :class:`MaskMemoryError` is raised before allocating.
     """
     if cpu_paths is None:
         cpu_paths = prefers_channels_last(mask_logits.device)
     final, classes, probs, binary = _score_and_sort(cls_scores, classes, mask_logits,
                                                     mask_threshold)
     del mask_logits  # (freed here when the caller passed its only reference)
+    keep = _limit_masks(final, output_size, score_threshold, max_mask_bytes)
+    if keep < final.shape[0]:
+        final, classes, probs, binary = final[:keep], classes[:keep], probs[:keep], binary[:keep]
     topk, (h, w), s = probs.shape[0], probs.shape[-2:], mask_stride
     h_in, w_in = image_size
     out_h, out_w = output_size

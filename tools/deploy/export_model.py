@@ -25,7 +25,6 @@ import isda  # noqa: E402,F401  first: registers ISDA, quiets Detectron2's impor
 import torch  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -34,9 +33,20 @@ from isda.checkpoint import ISDACheckpointer  # noqa: E402
 from isda.export.exporter import (DEFAULT_OPSET, FILENAMES, MIN_OPSET, export_isda,  # noqa: E402
                                   export_program, network_input)
 from isda.export.model import ExportableISDA  # noqa: E402
+from isda.data.image_io import read_image  # noqa: E402  (training's reader)
+from isda.utils.cli import parse_args_anywhere  # noqa: E402
+from isda.utils.setup_file import run_setup_file  # noqa: E402
 
 logger = logging.getLogger("isda.export")
-FALLBACK_DATASET = "nuclei_val"
+#: --verify compares what a user sees: the instances scoring at least this (the demo's default
+#: --confidence-threshold), their classes, masks (IoU) and scores
+VERIFY_SCORE = 0.3
+VERIFY_MIN_IOU = 0.9
+VERIFY_MAX_SCORE_DIFF = 0.01
+
+
+class ExportError(Exception):
+    """A refused export (printed as 'error: ...', exit status 2); nothing was written."""
 
 
 def get_parser():
@@ -53,18 +63,26 @@ def get_parser():
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output directory (created); receives the model file(s) and "
                         "export.json (one sub-directory per format when several are given)")
+    p.add_argument("--setup-file", metavar="FILE",
+                   help="a Python file run first, e.g. your dataset registrations, so that "
+                        "DATASETS.TEST gives the sample image and the class names "
+                        "(docs/custom_dataset.md)")
     p.add_argument("--sample-image", default=None, metavar="FILE",
                    help="image used to trace the model (any size; the export is valid for "
                         "every height and width >= 65). Default: the first image of "
-                        f"DATASETS.TEST[0], else of {FALLBACK_DATASET}")
+                        "DATASETS.TEST[0] (it must be registered: see --setup-file)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset version (>= {MIN_OPSET}: GridSample is standard from 16)")
     p.add_argument("--verify", action="store_true",
-                   help="run the exported model(s) on the sample image and report the largest "
-                        "score difference to the PyTorch model")
+                   help="run the exported model(s) on the sample image beside the PyTorch "
+                        f"model and compare the instances scoring >= {VERIFY_SCORE} (what the "
+                        "demo draws): same count and classes, mask IoU >= "
+                        f"{VERIFY_MIN_IOU}, scores within {VERIFY_MAX_SCORE_DIFF}; exit 1 "
+                        "saying what differs")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                   help="config overrides as KEY VALUE pairs at the end, e.g. MODEL.WEIGHTS "
-                        "path/to/model_final.pth MODEL.ISDA.TEST.TOPK 50")
+                   help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS "
+                        "path/to/model_final.pth MODEL.ISDA.TEST.TOPK 50 (options may follow "
+                        "them)")
     return p
 
 
@@ -88,39 +106,131 @@ def load_model(cfg):
     return model
 
 
+def check_datasets(cfg):
+    """Every DATASETS.TEST name must be registered: an unregistered one is an error (it gave
+    a silent fallback to another dataset's image and ``class_names: null``)."""
+    registered = set(DatasetCatalog.list())
+    missing = [n for n in cfg.DATASETS.TEST if n not in registered]
+    if missing:
+        raise ExportError(
+            f"dataset {', '.join(repr(n) for n in missing)} (DATASETS.TEST) is not registered: "
+            "give the file that registers it with --setup-file (docs/custom_dataset.md), or "
+            "set DATASETS.TEST to registered datasets")
+
+
 def sample_image(cfg, path=None):
-    """uint8 [H, W, 3] in the config's INPUT.FORMAT: ``path``, else a dataset image."""
+    """uint8 [H, W, 3] in the config's INPUT.FORMAT, read as training reads images: ``path``,
+    else the first image of DATASETS.TEST[0]."""
     if path is None:
-        names = list(cfg.DATASETS.TEST) + [FALLBACK_DATASET]
-        for name in names:
-            try:
-                dicts = DatasetCatalog.get(name)
-            except Exception as e:  # noqa: BLE001  (unregistered / data not present)
-                logger.info("no sample image from %s (%s)", name, e)
-                continue
-            if dicts:
-                path = dicts[0]["file_name"]
-                break
-        if path is None:
-            raise SystemExit("no sample image: give --sample-image")
+        if not len(cfg.DATASETS.TEST):
+            raise ExportError("no sample image: DATASETS.TEST is empty; give --sample-image")
+        name = cfg.DATASETS.TEST[0]
+        dicts = DatasetCatalog.get(name)
+        if not dicts:
+            raise ExportError(f"no sample image: dataset '{name}' has no image; give "
+                              "--sample-image")
+        path = dicts[0]["file_name"]
+    if not os.path.isfile(path):
+        raise ExportError(f"sample image '{path}' does not exist")
     logger.info("sample image: %s", path)
-    return read_image(path, format=cfg.INPUT.FORMAT)
+    try:
+        return read_image(path, format=cfg.INPUT.FORMAT)
+    except Exception as e:  # noqa: BLE001  (PIL raises several types for unreadable files)
+        raise ExportError(f"cannot read sample image '{path}': {type(e).__name__}: {e}") \
+            from None
 
 
 def class_names(cfg, num_classes):
+    """The class names of DATASETS.TEST[0]; None, with a warning, when there are none or
+    their count differs from the model's (the export would draw wrong names)."""
     for name in cfg.DATASETS.TEST:
-        try:
-            names = MetadataCatalog.get(name).get("thing_classes")
-        except KeyError:
-            names = None
-        if names is not None and len(names) == num_classes:
-            return list(names)
+        meta = MetadataCatalog.get(name)
+        names = meta.get("thing_classes", None)
+        if names is None and name in DatasetCatalog.list():
+            DatasetCatalog.get(name)  # COCO files set their classes when loaded
+            names = meta.get("thing_classes", None)
+        if names is None:
+            continue
+        if len(names) != num_classes:
+            logger.warning(
+                "dataset '%s' has %d classes but the model predicts MODEL.ISDA.NUM_CLASSES = "
+                "%d: export.json records \"class_names\": null", name, len(names), num_classes)
+            return None
+        return list(names)
+    logger.warning("no class names (DATASETS.TEST is empty or has none): export.json records "
+                   "\"class_names\": null and the demo draws class numbers")
     return None
 
 
+def check_output(output, formats):
+    """Before the (long) capture: the output folders can be created and written."""
+    dirs = [output] if len(formats) == 1 else [os.path.join(output, f) for f in formats]
+    for d in dirs:
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise ExportError(f"--output: '{d}' is a file, not a folder")
+        parent = d
+        while not os.path.exists(parent):
+            parent = os.path.dirname(os.path.abspath(parent))
+        if not os.path.isdir(parent):
+            raise ExportError(f"--output: '{parent}' is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ExportError(f"--output: cannot write into '{parent}' (permission denied); "
+                              "choose another folder (nothing was written)")
+
+
+def compare_instances(a, b, score=VERIFY_SCORE, min_iou=VERIFY_MIN_IOU,
+                      max_diff=VERIFY_MAX_SCORE_DIFF):
+    """What a user sees of the PyTorch instances ``a`` and the export's ``b`` (both sorted by
+    score): the instances scoring >= ``score`` must agree in number and class, their masks
+    overlap by IoU >= ``min_iou`` and their scores within ``max_diff``. Instances near the
+    threshold may cross it by a rounding: an unmatched one within ``max_diff`` of it is
+    tolerated. -> report dict with "ok" and, when not ok, "problems" (what differs)."""
+    a = a[a.scores >= score - max_diff]
+    b = b[b.scores >= score - max_diff]
+    sure_a = int((a.scores >= score + max_diff).sum())
+    sure_b = int((b.scores >= score + max_diff).sum())
+    problems, ious, diffs = [], [], []
+    used = set()
+    for i in range(len(a)):
+        best, best_iou = None, -1.0
+        for j in range(len(b)):
+            if j in used or int(b.pred_classes[j]) != int(a.pred_classes[i]):
+                continue
+            inter = float((a.pred_masks[i] & b.pred_masks[j]).sum())
+            union = float((a.pred_masks[i] | b.pred_masks[j]).sum())
+            iou = inter / union if union else 1.0
+            if iou > best_iou:
+                best, best_iou = j, iou
+        if best is None or best_iou < min_iou:
+            if i < sure_a:
+                problems.append(f"PyTorch instance #{i} (class {int(a.pred_classes[i])}, score "
+                                f"{float(a.scores[i]):.4f}) has no export instance of that "
+                                f"class with mask IoU >= {min_iou} (best {max(best_iou, 0):.3f})")
+            continue
+        used.add(best)
+        ious.append(best_iou)
+        d = abs(float(a.scores[i]) - float(b.scores[best]))
+        diffs.append(d)
+        if d > max_diff:
+            problems.append(f"instance #{i} (class {int(a.pred_classes[i])}): score "
+                            f"{float(a.scores[i]):.4f} in PyTorch vs {float(b.scores[best]):.4f} "
+                            f"exported (difference {d:.4f} > {max_diff})")
+    for j in range(min(sure_b, len(b))):
+        if j not in used:
+            problems.append(f"exported instance #{j} (class {int(b.pred_classes[j])}, score "
+                            f"{float(b.scores[j]):.4f}) has no PyTorch counterpart")
+    report = {"instances_at_threshold": [int((a.scores >= score).sum()),
+                                         int((b.scores >= score).sum())],
+              "score_threshold": score, "min_mask_iou": round(min(ious), 4) if ious else None,
+              "max_score_diff": round(max(diffs), 6) if diffs else 0.0, "ok": not problems}
+    if problems:
+        report["problems"] = problems
+    return report
+
+
 def verify(model, out_dir, fmt, image, cfg):
-    """Run the export (its predictor) and the PyTorch model on ``image`` (same resize) ->
-    instance counts and the largest score difference."""
+    """Run the export (its predictor) and the PyTorch model on ``image`` (same resize) and
+    compare what the demo would draw (:func:`compare_instances`)."""
     from isda.export.onnx_predictor import load_predictor
 
     height, width = image.shape[:2]
@@ -129,24 +239,29 @@ def verify(model, out_dir, fmt, image, cfg):
         a = model([{"image": torch.from_numpy(x[0]), "height": height,
                     "width": width}])[0]["instances"]
     b = load_predictor(out_dir)(image, cfg.INPUT.FORMAT)["instances"]
-    if len(a) != len(b):
-        return {"instances": [len(a), len(b)], "ok": False}
-    diff = float((a.scores - b.scores).abs().max()) if len(a) else 0.0
-    return {"instances": len(a), "max_score_diff": diff, "ok": diff <= 1e-3}
+    return compare_instances(a, b)
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args_anywhere(get_parser(), argv)
     setup_logger(name="isda")
     if args.opset < MIN_OPSET:
         raise SystemExit(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
-    cfg = setup_cfg(args)
-    model = load_model(cfg)
-    image = sample_image(cfg, args.sample_image)
+    formats = list(dict.fromkeys(args.format))
+    try:
+        # everything that can be refused is checked before the model is captured (minutes)
+        run_setup_file(args.setup_file)
+        cfg = setup_cfg(args)
+        check_output(args.output, formats)
+        check_datasets(cfg)
+        names = class_names(cfg, cfg.MODEL.ISDA.NUM_CLASSES)
+        image = sample_image(cfg, args.sample_image)
+        model = load_model(cfg)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     example = torch.from_numpy(network_input(image, cfg.INPUT.MIN_SIZE_TEST,
                                              cfg.INPUT.MAX_SIZE_TEST))
-    names = class_names(cfg, cfg.MODEL.ISDA.NUM_CLASSES)
-    formats = list(dict.fromkeys(args.format))
     t0 = time.perf_counter()
     program = export_program(ExportableISDA(model), example)
     summary = {"capture_s": round(time.perf_counter() - t0, 1), "exports": []}
@@ -162,8 +277,14 @@ def main(argv=None):
         summary["exports"].append(entry)
         logger.info("wrote %s and %s", entry["path"], os.path.join(out_dir, "export.json"))
     print(json.dumps(summary))
-    if args.verify and not all(e["verify"]["ok"] for e in summary["exports"]):
-        return 1
+    if args.verify:
+        bad = [e for e in summary["exports"] if not e["verify"]["ok"]]
+        for e in bad:
+            print(f"verify failed for {e['path']} (the files are written; do not deploy them "
+                  "before finding why):\n  " + "\n  ".join(e["verify"]["problems"]),
+                  file=sys.stderr)
+        if bad:
+            return 1
     return 0
 
 

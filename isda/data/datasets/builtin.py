@@ -13,8 +13,7 @@ Files live under ``$ISDA_DATASETS`` (default ``datasets/`` in the repository).
 from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json
-
+from ..catalog import load_coco_instances
 from ..paths import datasets_root
 
 # name -> (folder, json file)
@@ -43,7 +42,8 @@ def _loader(name):
                 f"dataset '{name}': {json_file} does not exist. Build the embedded datasets with "
                 f"`make setup` (tools/setup/prepare_datasets.py)."
             )
-        return load_coco_json(str(json_file), str(image_root), name)
+        # (COCO annotation ids kept in the records: errors name them)
+        return load_coco_instances(str(json_file), str(image_root), name)
 
     return load
 
