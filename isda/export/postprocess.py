@@ -8,7 +8,9 @@ model post-process identically:
 
 1. mask probabilities ``sigmoid(mask_logits)``, binary masks ``> MASK_THRESHOLD``;
 2. mask score = mean probability inside the binary mask; score = class score x mask score;
-3. sort by score (decreasing; no NMS);
+3. sort by score (decreasing); with ``dedup`` (the model's ``TEST.DEDUP``, recorded in the
+   export's JSON sidecar) the duplicate removal of :mod:`isda.modeling.dedup` (default
+   "none": no NMS, the paper's model);
 4. upsample the masks by ``MASK_STRIDE`` (bilinear), crop the padding to the network input
    size ``image_size``, resize (bilinear) to the original ``output_size`` and threshold at
    ``MASK_THRESHOLD``; boxes are the masks' tight boxes (empty mask -> zero box).
@@ -57,15 +59,18 @@ def check_outputs(scores: torch.Tensor, classes: torch.Tensor, mask_logits: torc
 @torch.no_grad()
 def outputs_to_instances(scores: ArrayLike, classes: ArrayLike, mask_logits: ArrayLike,
                          image_size: Sequence[int], output_size: Sequence[int] = None,
-                         mask_stride: int = 4, mask_threshold: float = 0.5) -> Instances:
+                         mask_stride: int = 4, mask_threshold: float = 0.5, dedup: str = "none",
+                         dedup_iou: float = 0.5, dedup_sigma: float = 2.0) -> Instances:
     """The graph's outputs (numpy arrays or tensors) for one image -> ``Instances`` at
     ``output_size`` (default: ``image_size``). ``mask_stride`` and ``mask_threshold`` are the
     model's (``MODEL.ISDA.MASK_STRIDE``, ``MODEL.ISDA.TEST.MASK_THRESHOLD``; the export's JSON
-    sidecar records them)."""
+    sidecar records them), and so are ``dedup*`` (``MODEL.ISDA.TEST.DEDUP*``, sidecar "dedup")."""
     scores, classes, mask_logits = _tensor(scores), _tensor(classes), _tensor(mask_logits)
     check_outputs(scores, classes, mask_logits)
     image_size = (int(image_size[0]), int(image_size[1]))
     output_size = image_size if output_size is None else (int(output_size[0]),
                                                           int(output_size[1]))
     return instances_from_topk(scores.float(), classes.long(), mask_logits.float(), image_size,
-                               output_size, int(mask_stride), float(mask_threshold))
+                               output_size, int(mask_stride), float(mask_threshold),
+                               dedup=str(dedup), dedup_iou=float(dedup_iou),
+                               dedup_sigma=float(dedup_sigma))
