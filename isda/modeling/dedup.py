@@ -29,7 +29,8 @@ def check_dedup(method: str) -> str:
 def mask_ious(binary: torch.Tensor, classes: torch.Tensor = None) -> torch.Tensor:
     """Pairwise IoUs of binary masks ``binary`` [T, h, w] (bool) -> [T, T] float32; 0 between
     masks of different ``classes`` [T] (when given) and between two empty masks."""
-    flat = binary.flatten(1).float()  # [T, n]
+    flat = binary.flatten(1)
+    flat = flat[:, flat.any(0)].float()  # [T, n']: only the pixels some mask covers
     inter = flat @ flat.t()  # [T, T]
     area = flat.sum(1)
     union = area[:, None] + area[None, :] - inter
