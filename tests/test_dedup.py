@@ -124,13 +124,16 @@ def test_export_post_processing_applies_the_same_dedup():
                                     (32, 64), S, 0.5)) == 3  # default: none
 
 
-def test_config_key_and_unknown_method():
-    from detectron2.config import get_cfg
+def test_config_keys_reach_the_model_and_unknown_methods_stop():
+    from test_model_helpers import build, small_cfg
 
-    from isda import add_isda_config
-
-    cfg = add_isda_config(get_cfg())
+    cfg = small_cfg()
     assert cfg.MODEL.ISDA.TEST.DEDUP == "none"  # the paper's NMS-free model by default
     assert cfg.MODEL.ISDA.TEST.DEDUP_IOU == 0.5
+    model = build(small_cfg("MODEL.ISDA.TEST.DEDUP", "matrix_nms", "MODEL.ISDA.TEST.DEDUP_SIGMA",
+                            0.5))
+    assert (model.dedup, model.dedup_sigma) == ("matrix_nms", 0.5)
     with pytest.raises(ValueError, match="DEDUP"):
         check_dedup("nms")
+    with pytest.raises(ValueError, match="DEDUP"):
+        build(small_cfg("MODEL.ISDA.TEST.DEDUP", "nms"))
