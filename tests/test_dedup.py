@@ -137,3 +137,25 @@ def test_config_keys_reach_the_model_and_unknown_methods_stop():
         check_dedup("nms")
     with pytest.raises(ValueError, match="DEDUP"):
         build(small_cfg("MODEL.ISDA.TEST.DEDUP", "nms"))
+
+
+def test_blockwise_ious_equal_pairwise_counts():
+    """Random blobs and a few large masks on a grid that is no multiple of the block size:
+    every IoU equals the one counted pair by pair with & and |."""
+    g = torch.Generator().manual_seed(0)
+    h, w, t = 37, 53, 30
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cy, cx = torch.randint(0, h, (t,), generator=g), torch.randint(0, w, (t,), generator=g)
+    r = torch.randint(1, 12, (t,), generator=g)
+    binary = ((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) < r[:, None, None] ** 2
+    binary[3] = True  # whole grid
+    binary[4] = False  # empty
+    classes = torch.randint(0, 2, (t,), generator=g)
+    got = mask_ious(binary, classes, tile=8)
+    for i in range(t):
+        for j in range(t):
+            inter = (binary[i] & binary[j]).sum().item()
+            union = (binary[i] | binary[j]).sum().item()
+            iou = inter / union if union else 0.0
+            expected = iou if classes[i] == classes[j] else 0.0
+            assert got[i, j].item() == pytest.approx(expected, abs=1e-6), (i, j)
