@@ -159,3 +159,19 @@ def test_blockwise_ious_equal_pairwise_counts():
             iou = inter / union if union else 0.0
             expected = iou if classes[i] == classes[j] else 0.0
             assert got[i, j].item() == pytest.approx(expected, abs=1e-6), (i, j)
+
+
+def test_paper_configs_are_nms_free():
+    from pathlib import Path
+
+    from detectron2.config import get_cfg
+
+    import isda
+
+    root = Path(__file__).resolve().parents[1]
+    paths = [root / "configs" / "Base-ISDA.yaml"] + sorted((root / "configs" / "coco").glob("*.yaml"))
+    assert len(paths) > 1
+    for path in paths:
+        cfg = isda.add_isda_config(get_cfg())
+        cfg.merge_from_file(str(path))
+        assert cfg.MODEL.ISDA.TEST.DEDUP == "none", path.name
