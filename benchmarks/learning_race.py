@@ -79,7 +79,7 @@ DATASETS = {
 }
 MASKRCNN_CONFIG = "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml"
 # each ISDA run is also evaluated with these duplicate removals (MODEL.ISDA.TEST.DEDUP)
-EVAL_DEDUP = ("mask_nms", "matrix_nms")
+EVAL_DEDUP = ("none", "mask_nms", "matrix_nms")  # (the config's own is not repeated)
 ISDA_CONFIG = "configs/custom/isda_R18_scratch.yaml"
 BATCH = 2
 
