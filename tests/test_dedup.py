@@ -175,3 +175,39 @@ def test_paper_configs_are_nms_free():
         cfg = isda.add_isda_config(get_cfg())
         cfg.merge_from_file(str(path))
         assert cfg.MODEL.ISDA.TEST.DEDUP == "none", path.name
+
+
+def test_exported_predictor_follows_the_sidecar_dedup(tmp_path):
+    """sidecar() records TEST.DEDUP; a predictor reading that sidecar removes the duplicate
+    (the runtime is replaced by fixed outputs: the post-processing is what is checked)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from isda.export.exporter import sidecar, write_sidecar
+    from isda.export.onnx_predictor import _ExportedPredictor
+    from test_model_helpers import small_cfg
+
+    cfg = small_cfg("INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 128)
+    wrapper = SimpleNamespace(topk=3, mask_stride=S, mask_threshold=0.5, num_classes=1,
+                              decoder=SimpleNamespace(num_queries=3), dedup="mask_nms",
+                              dedup_iou=0.5, dedup_sigma=2.0)
+    meta = sidecar(cfg, wrapper, "onnx", opset=17)
+    assert meta["dedup"] == {"method": "mask_nms", "iou": 0.5, "sigma": 2.0}
+    write_sidecar(meta, str(tmp_path))
+    (tmp_path / "model.onnx").write_bytes(b"")
+
+    class Fixed(_ExportedPredictor):
+        fmt = "onnx"
+
+        def run(self, image):
+            # a 96x128 image is the network input as it is: a 24x32 mask grid
+            assert image.shape[-2:] == (96, 128)
+            return (np.array([0.9, 0.8, 0.7], np.float32), np.zeros(3, np.int64),
+                    _logits(_grid([A, B, C], h=24, w=32)).numpy())
+
+    out = Fixed(str(tmp_path))(np.zeros((96, 128, 3), np.uint8))["instances"]
+    assert len(out) == 2  # B, the duplicate of A, removed; C (touching A) kept
+    meta.pop("dedup")  # an export made before the key: no duplicate removal
+    write_sidecar(meta, str(tmp_path))
+    assert len(Fixed(str(tmp_path))(np.zeros((96, 128, 3), np.uint8))["instances"]) == 3
