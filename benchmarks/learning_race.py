@@ -29,6 +29,13 @@ budget runs again with ``SOLVER.MAX_ITER`` rescaled by their own CPU time (``--p
 table reports the last pass. Evaluation time is not counted. Runs go in parallel
 (``--workers``, each one thread) and are cached in ``--results`` (one JSON per run), so an
 interrupted race resumes. The table gives mean +- sd over seeds; the last line is JSON.
+
+Beside AP, each run reports recall at IoU 0.5 and, above the demo's score threshold 0.3, its
+duplicates per true positive: false positives whose mask IoU with an object already matched by
+a higher-scored detection is >= 0.5 (:func:`isda.evaluation.count_duplicates`, the counts of
+``tools/coco_duplicates.py``). Each trained ISDA model is also evaluated with the duplicate
+removals of ``--eval-dedup`` (``MODEL.ISDA.TEST.DEDUP``; rows "ISDA +mask_nms", ...): same
+training, so the rows differ by the post-processing alone.
 """
 import argparse
 import copy
@@ -45,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's isda, not an installed one
 
 # Per dataset: training / held-out registrations and the input recipe both models share.
 # nuclei: stardist's fluorescence nuclei (512x512, columns 0-351 train as one region with random
@@ -70,6 +78,8 @@ DATASETS = {
     },
 }
 MASKRCNN_CONFIG = "Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml"
+# each ISDA run is also evaluated with these duplicate removals (MODEL.ISDA.TEST.DEDUP)
+EVAL_DEDUP = ("none", "mask_nms", "matrix_nms")  # (the config's own is not repeated)
 ISDA_CONFIG = "configs/custom/isda_R18_scratch.yaml"
 BATCH = 2
 
@@ -187,8 +197,11 @@ def train(model_name, cfg, iters=None, skip=0):
     return model, time.process_time() - start
 
 
-def evaluate(cfg, model):
-    """COCOEvaluator mask AP on ``DATASETS.TEST[0]`` (both models through ISDA's test mapper)."""
+def evaluate(cfg, model, score_threshold=None):
+    """COCOEvaluator mask AP on ``DATASETS.TEST[0]`` (both models through ISDA's test mapper),
+    with the duplicate counts of :func:`isda.evaluation.count_duplicates` on the same
+    detections -> dict: AP, AP50, AP75, recall50, tp, duplicates, background, duplicates_per_tp
+    (the counts above ``score_threshold``, default the demo's 0.3)."""
     import contextlib
     import io
 
@@ -196,6 +209,7 @@ def evaluate(cfg, model):
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
     from isda.data.dataset_mapper import ISDADatasetMapper
+    from isda.evaluation import DEMO_SCORE_THRESHOLD, count_duplicates
 
     name = cfg.DATASETS.TEST[0]
     mapper = ISDADatasetMapper(cfg, is_train=False)
@@ -203,7 +217,19 @@ def evaluate(cfg, model):
     model.eval()
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOEvaluator(name, tasks=("segm",), distributed=False, output_dir=out)
-        return inference_on_dataset(model, loader, evaluator)["segm"]
+        segm = inference_on_dataset(model, loader, evaluator)["segm"]
+        results_path = Path(out) / "coco_instances_results.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else []
+        dups = count_duplicates(evaluator._coco_api, results,
+                                DEMO_SCORE_THRESHOLD if score_threshold is None
+                                else score_threshold)
+    res = {}
+    for k in ("AP", "AP50", "AP75"):
+        # COCOEvaluator reports NaN when a model makes no detection at all: AP 0
+        res[k] = 0.0 if math.isnan(segm[k]) else segm[k]
+    for k in ("recall50", "tp", "duplicates", "background", "duplicates_per_tp"):
+        res[k] = dups[k]
+    return res
 
 
 def run_worker(spec):
@@ -224,11 +250,18 @@ def run_worker(spec):
                     spec["isda_config"], spec["isda_opts"], spec["maskrcnn_opts"],
                     spec.get("batch", BATCH), spec.get("input_opts", ()))
     model, cpu = train(spec["model"], cfg)
-    segm = evaluate(cfg, model)
     out = {"cpu_min": cpu / 60, "iters": cfg.SOLVER.MAX_ITER}
-    for k in ("AP", "AP50", "AP75"):
-        # COCOEvaluator reports NaN when a model makes no detection at all: AP 0
-        out[k] = 0.0 if math.isnan(segm[k]) else segm[k]
+    out.update(evaluate(cfg, model))
+    if spec["model"] == "isda":
+        # the same trained model evaluated again with each other duplicate removal
+        # (MODEL.ISDA.TEST.DEDUP; evaluation is not counted in the budget)
+        own = cfg.MODEL.ISDA.TEST.DEDUP
+        out["dedup"] = own
+        for method in spec.get("eval_dedup", []):
+            if method != own:
+                model.dedup = method
+                out[f"dedup_{method}"] = evaluate(cfg, model)
+        model.dedup = own
     return out
 
 
@@ -328,6 +361,9 @@ def main(argv=None):
     p.add_argument("--isda-config", default=ISDA_CONFIG, help=f"default {ISDA_CONFIG}")
     p.add_argument("--isda-opts", nargs="*", default=[], help="KEY VALUE overrides for ISDA")
     p.add_argument("--maskrcnn-opts", nargs="*", default=[], help="KEY VALUE for Mask R-CNN")
+    p.add_argument("--eval-dedup", default=",".join(EVAL_DEDUP),
+                   help="each ISDA run is also evaluated with these MODEL.ISDA.TEST.DEDUP\n"
+                        "methods (rows 'ISDA +method'; default %(default)s; '' for none)")
     p.add_argument("--input-opts", nargs="*", default=[],
                    help="KEY VALUE overrides of the datasets' input recipe, for both models")
     p.add_argument("--batch", type=int, default=BATCH, help=f"images per batch (default {BATCH})")
@@ -359,6 +395,7 @@ def main(argv=None):
             p.error(f"--datasets: unknown dataset {d!r} (of {sorted(DATASETS)})")
     base = {"isda_config": args.isda_config, "isda_opts": list(args.isda_opts),
             "maskrcnn_opts": list(args.maskrcnn_opts)}
+    eval_dedup = [m for m in args.eval_dedup.split(",") if m]
     label = {"isda": args.label or "ISDA", "maskrcnn": "Mask R-CNN"}
 
     isda_config_sha = config_fingerprint(args.isda_config)  # (read once, in every ISDA key)
@@ -374,6 +411,8 @@ def main(argv=None):
         else:
             s["maskrcnn_opts"] = []
             s["isda_config_sha"] = isda_config_sha
+            if eval_dedup and not kw.get("calibrate"):
+                s["eval_dedup"] = eval_dedup
         s.update(kw)
         return s
 
@@ -407,7 +446,9 @@ def main(argv=None):
                      run_pass=pass_no))
             print(f"pass {pass_no} {d} {label[m]:>12} budget {b:g} min seed {seed}: "
                   f"{r['iters']} it, {r['cpu_min']:.2f} CPU-min, AP {r['AP']:.1f} "
-                  f"AP50 {r['AP50']:.1f} AP75 {r['AP75']:.1f}", flush=True)
+                  f"AP50 {r['AP50']:.1f} AP75 {r['AP75']:.1f} recall50 "
+                  f"{r.get('recall50', float('nan')):.3f} duplicates/TP "
+                  f"{r.get('duplicates_per_tp', float('nan')):.2f}", flush=True)
         still = []
         for cell in pending:
             if cell not in got:  # --cached-only: this pass has not started for the cell
@@ -424,11 +465,20 @@ def main(argv=None):
         if not pending:
             break
     rows = [r for cell in cells for r in final.get(cell, [])]
+    # the ISDA runs' evaluations with the other duplicate removals, as rows of their own
+    variants = []
+    for method in eval_dedup:
+        for r in [r for r in rows if r["model"] == "isda" and f"dedup_{method}" in r]:
+            variants.append(dict(r, **r[f"dedup_{method}"], model=f"isda+{method}",
+                                 label=f"{label['isda']} +{method}"))
+            label[f"isda+{method}"] = f"{label['isda']} +{method}"
+    rows += variants
+    row_models = [m for m in models] + [f"isda+{x}" for x in eval_dedup if "isda" in models]
 
     table = []
     for d in datasets:
         for b in sorted(budgets):
-            for m in models:
+            for m in row_models:
                 sel = [r for r in rows if r["dataset"] == d and r["budget_min"] == b
                        and r["model"] == m]
                 if not sel:  # --cached-only: no run of this cell yet
@@ -440,15 +490,24 @@ def main(argv=None):
                 for k in ("AP", "AP50", "AP75"):
                     mean, sd = summarise(sel, k)
                     t[k], t[k + "_sd"] = round(mean, 1), round(sd, 1)
+                # (runs cached before these columns existed have none: "-")
+                for k, digits in (("recall50", 3), ("duplicates_per_tp", 2)):
+                    if all(k in r for r in sel):
+                        mean, sd = summarise(sel, k)
+                        t[k], t[k + "_sd"] = round(mean, digits), round(sd, digits)
                 table.append(t)
+
+    def cell(t, k):
+        return f"{t[k]} +- {t[k + '_sd']}" if k in t else "-"
+
     print("\n| dataset | budget (CPU-min) | model | seeds | pass | iterations | CPU-min | mask AP "
-          "| AP50 | AP75 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| AP50 | AP75 | recall@0.5 | duplicates / TP (score >= 0.3) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for t in table:
         print(f"| {t['dataset']} | {t['budget_min']:g} | {t['label']} | {t['seeds']} | "
-              f"{t['pass']} | {t['iters']} | {t['cpu_min']} | {t['AP']} +- {t['AP_sd']} | "
-              f"{t['AP50']} +- {t['AP50_sd']} | "
-              f"{t['AP75']} +- {t['AP75_sd']} |")
+              f"{t['pass']} | {t['iters']} | {t['cpu_min']} | {cell(t, 'AP')} | "
+              f"{cell(t, 'AP50')} | {cell(t, 'AP75')} | {cell(t, 'recall50')} | "
+              f"{cell(t, 'duplicates_per_tp')} |")
     goal = {}
     if set(models) == {"isda", "maskrcnn"}:
         for d in datasets:
@@ -464,6 +523,7 @@ def main(argv=None):
     print(json.dumps({"batch": args.batch, "threads_per_run": 1, "input_opts": args.input_opts,
                       "isda_config": args.isda_config,
                       "isda_opts": args.isda_opts, "maskrcnn_config": MASKRCNN_CONFIG,
+                      "eval_dedup": eval_dedup,
                       "calibration_cpu_s_per_iter": {f"{d}/{m}": round(s, 3)
                                                      for (m, d), s in cal.items()},
                       "table": table, "isda_at_least_maskrcnn": goal,

@@ -116,6 +116,12 @@ def add_isda_config(cfg):
     # (a 12000x12000 image with TOPK 100 would need 13.4 GiB)
     isda.TEST.SCORE_THRESHOLD = 0.0
     isda.TEST.MAX_MASK_BYTES = 1 << 32
+    # duplicate removal on the top-k masks (isda/modeling/dedup.py; docs/model.md "Duplicate
+    # removal"): "none" (the paper: NMS-free), "mask_nms" (greedy mask NMS at IoU > DEDUP_IOU,
+    # per class) or "matrix_nms" (SOLOv2's Gaussian Matrix NMS, DEDUP_SIGMA: scores decayed)
+    isda.TEST.DEDUP = "none"
+    isda.TEST.DEDUP_IOU = 0.5
+    isda.TEST.DEDUP_SIGMA = 2.0
     # "fp32", or "bf16": inference runs the network under bf16 autocast (about 2x the
     # arithmetic rate on CPUs with AVX512-BF16 / AMX; docs/benchmarks.md), the mask product and
     # post-processing in fp32; evaluation, the predictor and the demo all follow it

@@ -179,7 +179,10 @@ def sidecar(cfg, wrapper: ExportableISDA, fmt: str, opset: Optional[int] = None,
         },
         "output_names": OUTPUT_NAMES,
         "postprocess": "outside the graph: isda.export.postprocess.outputs_to_instances "
-                       "(mask score, final sort, upsampling, crop, resize, threshold, boxes)",
+                       "(mask score, final sort, duplicate removal (dedup), upsampling, crop, "
+                       "resize, threshold, boxes)",
+        "dedup": {"method": str(wrapper.dedup), "iou": float(wrapper.dedup_iou),
+                  "sigma": float(wrapper.dedup_sigma)},
         "topk": int(wrapper.topk),
         "mask_stride": int(wrapper.mask_stride),
         "mask_threshold": float(wrapper.mask_threshold),

@@ -18,8 +18,9 @@ outputs
 What the graph runs is the model's own inference up to the top-k selection: backbone ->
 channel mapper -> deformable encoder -> decoder -> class / kernel heads -> top-k -> dynamic 1x1
 mask convolution, with the same parameters. The rest of ``isda.modeling.postprocess`` (mask
-scores, final sort, upsampling, crop, resize to the original size, thresholding, boxes) is
-:func:`isda.export.postprocess.outputs_to_instances`, outside the graph.
+scores, final sort, the optional duplicate removal ``TEST.DEDUP``, upsampling, crop, resize to
+the original size, thresholding, boxes) is :func:`isda.export.postprocess.outputs_to_instances`,
+outside the graph.
 
 Differences from the normal forward, none of which changes the function computed:
 
@@ -110,6 +111,10 @@ class ExportableISDA(nn.Module):
         self.mask_stride = plain.mask_stride
         self.mask_feature_source = plain.mask_feature_source
         self.mask_threshold = plain.mask_threshold
+        # duplicate removal (TEST.DEDUP) is a post-processing step outside the graph
+        self.dedup = getattr(plain, "dedup", "none")
+        self.dedup_iou = getattr(plain, "dedup_iou", 0.5)
+        self.dedup_sigma = getattr(plain, "dedup_sigma", 2.0)
         num_queries = plain.decoder.num_queries
         self.num_classes = plain.heads.class_embed.out_features
         self.topk = min(int(topk if topk is not None else plain.test_topk),

@@ -52,6 +52,8 @@ class _ExportedPredictor:
         self.max_size_test = int(inp["resize"]["max_size_test"])
         self.mask_stride = int(self.meta["mask_stride"])
         self.mask_threshold = float(self.meta["mask_threshold"])
+        # TEST.DEDUP (exports before it have no entry: "none", the model's output as it was)
+        self.dedup = dict({"method": "none", "iou": 0.5, "sigma": 2.0}, **self.meta.get("dedup", {}))
         self.class_names = self.meta.get("class_names")
         # full-size masks only for instances scoring at least this (the demo: its threshold)
         self.score_threshold = 0.0
@@ -93,7 +95,9 @@ class _ExportedPredictor:
         scores, classes, mask_logits = self.run(x)
         instances = outputs_to_instances(scores, classes, mask_logits, (h, w), (height, width),
                                          self.mask_stride, self.mask_threshold,
-                                         score_threshold=self.score_threshold)
+                                         score_threshold=self.score_threshold,
+                                         dedup=self.dedup["method"], dedup_iou=self.dedup["iou"],
+                                         dedup_sigma=self.dedup["sigma"])
         return {"instances": instances}
 
 

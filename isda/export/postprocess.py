@@ -8,7 +8,9 @@ model post-process identically:
 
 1. mask probabilities ``sigmoid(mask_logits)``, binary masks ``> MASK_THRESHOLD``;
 2. mask score = mean probability inside the binary mask; score = class score x mask score;
-3. sort by score (decreasing; no NMS);
+3. sort by score (decreasing); with ``dedup`` (the model's ``TEST.DEDUP``, recorded in the
+   export's JSON sidecar) the duplicate removal of :mod:`isda.modeling.dedup` (default
+   "none": no NMS, the paper's model);
 4. upsample the masks by ``MASK_STRIDE`` (bilinear), crop the padding to the network input
    size ``image_size``, resize (bilinear) to the original ``output_size`` and threshold at
    ``MASK_THRESHOLD``; boxes are the masks' tight boxes (empty mask -> zero box).
@@ -58,12 +60,14 @@ def check_outputs(scores: torch.Tensor, classes: torch.Tensor, mask_logits: torc
 def outputs_to_instances(scores: ArrayLike, classes: ArrayLike, mask_logits: ArrayLike,
                          image_size: Sequence[int], output_size: Sequence[int] = None,
                          mask_stride: int = 4, mask_threshold: float = 0.5,
-                         score_threshold: float = 0.0) -> Instances:
+                         score_threshold: float = 0.0, dedup: str = "none",
+                         dedup_iou: float = 0.5, dedup_sigma: float = 2.0) -> Instances:
     """The graph's outputs (numpy arrays or tensors) for one image -> ``Instances`` at
     ``output_size`` (default: ``image_size``). ``mask_stride`` and ``mask_threshold`` are the
     model's (``MODEL.ISDA.MASK_STRIDE``, ``MODEL.ISDA.TEST.MASK_THRESHOLD``; the export's JSON
-    sidecar records them). ``score_threshold``: full-size masks only for instances scoring
-    at least this (``MODEL.ISDA.TEST.SCORE_THRESHOLD``)."""
+    sidecar records them), and so are ``dedup*`` (``MODEL.ISDA.TEST.DEDUP*``, sidecar "dedup").
+    ``score_threshold``: full-size masks only for instances scoring at least this
+    (``MODEL.ISDA.TEST.SCORE_THRESHOLD``)."""
     scores, classes, mask_logits = _tensor(scores), _tensor(classes), _tensor(mask_logits)
     check_outputs(scores, classes, mask_logits)
     image_size = (int(image_size[0]), int(image_size[1]))
@@ -71,4 +75,5 @@ def outputs_to_instances(scores: ArrayLike, classes: ArrayLike, mask_logits: Arr
                                                           int(output_size[1]))
     return instances_from_topk(scores.float(), classes.long(), mask_logits.float(), image_size,
                                output_size, int(mask_stride), float(mask_threshold),
-                               score_threshold=float(score_threshold))
+                               score_threshold=float(score_threshold), dedup=str(dedup),
+                               dedup_iou=float(dedup_iou), dedup_sigma=float(dedup_sigma))

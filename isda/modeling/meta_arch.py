@@ -18,6 +18,7 @@ from .mask_feature_head import MaskFeatureHead
 from .mask_targets import soft_masks_on_grid
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
+from .dedup import check_dedup
 from .postprocess import MAX_MASK_BYTES, instances_from_topk, prefers_channels_last, select_topk
 from .query_selection import QuerySelection, TokenHead
 
@@ -80,7 +81,8 @@ class ISDA(nn.Module):
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
                  cpu_fast_paths=False, test_precision="fp32", query_selection=None,
                  dense_criterion=None, dense_head=None, score_threshold=0.0,
-                 max_mask_bytes=MAX_MASK_BYTES):
+                 max_mask_bytes=MAX_MASK_BYTES, dedup="none", dedup_iou=0.5,
+                 dedup_sigma=2.0):
         """``cpu_fast_paths``: convert the built model with
         :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
         CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
@@ -88,7 +90,8 @@ class ISDA(nn.Module):
         up to the mask features under bf16 autocast (post-processing stays fp32).
         ``dense_criterion`` (``MODEL.ISDA.DENSE_LOSS_WEIGHT`` > 0, training only): the dense
         supervision of the encoder tokens, through ``query_selection``'s token heads or, without
-        two-stage, ``dense_head``."""
+        two-stage, ``dense_head``. ``dedup``, ``dedup_iou``, ``dedup_sigma``
+        (``MODEL.ISDA.TEST.DEDUP*``): optional duplicate removal (:mod:`isda.modeling.dedup`)."""
         super().__init__()
         if test_precision not in ("fp32", "bf16"):
             raise ValueError(f"MODEL.ISDA.TEST.PRECISION must be fp32 or bf16, got {test_precision!r}")
@@ -120,6 +123,9 @@ class ISDA(nn.Module):
         # only for instances scoring at least score_threshold, and at most max_mask_bytes of them
         self.score_threshold = float(score_threshold)
         self.max_mask_bytes = int(max_mask_bytes) if max_mask_bytes else None
+        self.dedup = check_dedup(dedup)
+        self.dedup_iou = float(dedup_iou)
+        self.dedup_sigma = float(dedup_sigma)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         if cpu_fast_paths:
@@ -181,6 +187,8 @@ class ISDA(nn.Module):
             "chunk_pixels": c.TEST.CHUNK_PIXELS, "test_precision": c.TEST.PRECISION,
             "score_threshold": c.TEST.get("SCORE_THRESHOLD", 0.0),
             "max_mask_bytes": c.TEST.get("MAX_MASK_BYTES", MAX_MASK_BYTES),
+            "dedup": c.TEST.DEDUP, "dedup_iou": c.TEST.DEDUP_IOU,
+            "dedup_sigma": c.TEST.DEDUP_SIGMA,
             "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
             "query_selection": query_selection,
         }
@@ -333,6 +341,7 @@ class ISDA(nn.Module):
             inst = instances_from_topk(cls_scores, classes, mask_logits.pop(0), image_size,
                                        (height, width), self.mask_stride, self.mask_threshold,
                                        self.chunk_pixels, score_threshold=self.score_threshold,
-                                       max_mask_bytes=self.max_mask_bytes)
+                                       max_mask_bytes=self.max_mask_bytes, dedup=self.dedup,
+                                       dedup_iou=self.dedup_iou, dedup_sigma=self.dedup_sigma)
             results.append({"instances": inst})
         return results

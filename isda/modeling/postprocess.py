@@ -12,6 +12,8 @@ from torch.nn import functional as F
 
 from detectron2.structures import Boxes, Instances
 
+from .dedup import dedup_sorted
+
 
 def prefers_channels_last(device) -> bool:
     """Whether ISDA's CPU-tuned layouts and loops apply on ``device``: channels-last images for
@@ -52,16 +54,18 @@ def select_topk(cls_logits, topk=100):
 
 @torch.no_grad()
 def isda_postprocess(cls_logits, mask_logits, image_size, output_size, mask_stride=4, topk=100,
-                     mask_threshold=0.5, chunk_pixels=1 << 25, cpu_paths=None):
+                     mask_threshold=0.5, chunk_pixels=1 << 25, cpu_paths=None, dedup="none",
+                     dedup_iou=0.5, dedup_sigma=2.0):
     """One image's predictions -> :class:`Instances` at ``output_size``.
 
     cls_logits: [Q, K]; mask_logits: [Q, h, w] on the padded mask grid (stride ``mask_stride``);
     image_size: (H_in, W_in) unpadded network input; output_size: (H, W) original image.
-    ``cpu_paths``: see :func:`instances_from_topk`.
+    ``cpu_paths``, ``dedup*``: see :func:`instances_from_topk`.
     """
     cls_scores, query_idx, classes = select_topk(cls_logits, topk)
     return instances_from_topk(cls_scores, classes, mask_logits[query_idx], image_size,
-                               output_size, mask_stride, mask_threshold, chunk_pixels, cpu_paths)
+                               output_size, mask_stride, mask_threshold, chunk_pixels, cpu_paths,
+                               dedup=dedup, dedup_iou=dedup_iou, dedup_sigma=dedup_sigma)
 
 
 def _span(any_mask, margin, n):
@@ -102,7 +106,8 @@ def _limit_masks(final, output_size, score_threshold, max_mask_bytes):
 def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_size, mask_stride=4,
                         mask_threshold=0.5, chunk_pixels=1 << 25,
                         cpu_paths: Optional[bool] = None, score_threshold: float = 0.0,
-                        max_mask_bytes: Optional[int] = MAX_MASK_BYTES):
+                        max_mask_bytes: Optional[int] = MAX_MASK_BYTES, dedup="none",
+                        dedup_iou=0.5, dedup_sigma=2.0):
     """Selected pairs (class scores [T], classes [T], their mask logits [T, h, w]) ->
     :class:`Instances` sorted by score = class score x mask score.
 
@@ -119,6 +124,10 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     (:func:`_paste_chunks`: no per-mask host syncs, fastest on the GPU; memory beyond the
     returned boolean masks is one chunk). Both give the same masks and boxes.
 
+    ``dedup`` (``MODEL.ISDA.TEST.DEDUP``): "none" (the paper's NMS-free output), "mask_nms" or
+    "matrix_nms" (:func:`isda.modeling.dedup.dedup_sorted`, IoU threshold ``dedup_iou``,
+    Gaussian ``dedup_sigma``) on the binary masks at the mask stride, cropped to the input.
+
     Memory: the result holds ``[T, H, W]`` booleans. Only instances scoring at least
     ``score_threshold`` are kept (0: all T); if their masks would take more than
     ``max_mask_bytes`` (None: no limit) :class:`MaskMemoryError` is raised before allocating.
@@ -128,6 +137,12 @@ def instances_from_topk(cls_scores, classes, mask_logits, image_size, output_siz
     final, classes, probs, binary = _score_and_sort(cls_scores, classes, mask_logits,
                                                     mask_threshold)
     del mask_logits  # (freed here when the caller passed its only reference)
+    if dedup != "none":
+        # IoUs on the mask grid's cells covering the input (the padding is not image)
+        hv, wv = -(-image_size[0] // mask_stride), -(-image_size[1] // mask_stride)
+        idx, final = dedup_sorted(final, classes, binary[:, :hv, :wv], dedup, dedup_iou,
+                                  dedup_sigma)
+        classes, probs, binary = classes[idx], probs[idx], binary[idx]
     keep = _limit_masks(final, output_size, score_threshold, max_mask_bytes)
     if keep < final.shape[0]:
         final, classes, probs, binary = final[:keep], classes[:keep], probs[:keep], binary[:keep]
