@@ -78,12 +78,9 @@ class ISDA(nn.Module):
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
-                 cpu_fast_paths=False, test_precision="fp32", query_selection=None,
-                 dense_criterion=None, dense_head=None):
-        """``cpu_fast_paths``: convert the built model with
-        :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
-        CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
-        ``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
+                 test_precision="fp32", query_selection=None, dense_criterion=None,
+                 dense_head=None):
+        """``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
         up to the mask features under bf16 autocast (post-processing stays fp32).
         ``dense_criterion`` (``MODEL.ISDA.DENSE_LOSS_WEIGHT`` > 0, training only): the dense
         supervision of the encoder tokens, through ``query_selection``'s token heads or, without
@@ -117,10 +114,6 @@ class ISDA(nn.Module):
         self.chunk_pixels = chunk_pixels
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        if cpu_fast_paths:
-            from ..cpu_fast_paths import convert_to_cpu_fast_paths  # the one place they live
-
-            convert_to_cpu_fast_paths(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -174,7 +167,6 @@ class ISDA(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": c.TEST.TOPK, "mask_threshold": c.TEST.MASK_THRESHOLD,
             "chunk_pixels": c.TEST.CHUNK_PIXELS, "test_precision": c.TEST.PRECISION,
-            "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
             "query_selection": query_selection,
         }
 
