@@ -22,7 +22,6 @@ spread min-max of the per-round ratios. The last stdout line is one JSON object.
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import time
