@@ -10,8 +10,7 @@ The C++ compiler is torch's choice, $CXX else ``c++``: ``CC=gcc-11 CXX=g++-11 pi
 (CC is also nvcc's host compiler). ISDA_CPU_CLONES=auto|none|x86-64-v|avx512f picks the CPU
 kernels' clone set (see probe_cpu_clones). Builds carry no debug information (Python's default
 ``-g`` more than doubles the compile time of torch's headers): ISDA_DEBUG_BUILD=1 keeps it.
-ISDA_BUILD_ONLY=isda._C (comma-separated names) builds only those extensions (the CUDA compile
-check needs only the op).
+ISDA_BUILD_ONLY=isda._C (comma-separated names) builds only those extensions.
 """
 import glob
 import os
@@ -30,11 +29,7 @@ except ImportError:  # pragma: no cover
     sys.exit("ISDA's setup.py needs PyTorch installed first; use `pip install --no-build-isolation`.")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("ops", "csrc")          # the deformable attention op: isda._C
-DROPOUT_SRC = os.path.join("ops", "dropout")  # the optional compiled CPU dropout: isda._dropout
-CPU_CACHE_SRC = os.path.join("ops", "cpu_allocator")  # optional large-block CPU allocator: isda._cpu_cache
-#: Extensions whose build failure is reported and skipped (their Python side falls back to torch).
-OPTIONAL_EXTENSIONS = ("isda._dropout", "isda._cpu_cache")
+CSRC = os.path.join("ops", "csrc")  # the deformable attention op: isda._C (torch.ops.isda.*)
 
 
 def want_cuda() -> bool:
@@ -174,10 +169,6 @@ def get_extensions():
     elif sys.platform == "win32":
         cxx_flags = ["/O2", "/openmp", "/DISDA_EXT_VERSION=1"]
     include_dirs = [os.path.join(HERE, CSRC)]
-    dropout = CppExtension(
-        "isda._dropout", sorted(glob.glob(os.path.join(DROPOUT_SRC, "*.cpp"))),
-        include_dirs=include_dirs + [os.path.join(HERE, DROPOUT_SRC)],
-        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     if want_cuda():
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-DCUDA_HAS_FP16=1",
                       "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -192,12 +183,7 @@ def get_extensions():
     else:
         op = CppExtension("isda._C", cpp_sources, include_dirs=include_dirs,
                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
-    extensions = [op, dropout]
-    if sys.platform.startswith("linux"):  # mmap and pthread_atfork
-        extensions.append(CppExtension(
-            "isda._cpu_cache", sorted(glob.glob(os.path.join(CPU_CACHE_SRC, "*.cpp"))),
-            include_dirs=[os.path.join(HERE, CPU_CACHE_SRC)],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags))
+    extensions = [op]
     only = [n.strip() for n in os.environ.get("ISDA_BUILD_ONLY", "").split(",") if n.strip()]
     if only:
         unknown = sorted(set(only) - {e.name for e in extensions})
@@ -206,20 +192,6 @@ def get_extensions():
                      f"choose from {[e.name for e in extensions]}")
         extensions = [e for e in extensions if e.name in only]
     return extensions
-
-
-class BuildExtensionWithOptional(BuildExtension):
-    """torch's ``BuildExtension``; a failing build of an ``OPTIONAL_EXTENSIONS`` member is reported
-    and skipped instead of failing the install (the op itself must build)."""
-
-    def build_extension(self, ext):
-        if ext.name not in OPTIONAL_EXTENSIONS:
-            return super().build_extension(ext)
-        try:
-            super().build_extension(ext)
-        except Exception as e:  # noqa: BLE001 - any compiler or linker failure
-            print(f"isda: WARNING: the optional extension {ext.name} did not build ({e}); "
-                  "ISDA works without it (its Python side falls back to torch)", flush=True)
 
 
 if __name__ == "__main__":
@@ -232,6 +204,6 @@ if __name__ == "__main__":
         python_requires=">=3.9",
         packages=find_packages(include=["isda", "isda.*"]),
         ext_modules=get_extensions(),
-        cmdclass={"build_ext": BuildExtensionWithOptional.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
     )

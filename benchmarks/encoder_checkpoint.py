@@ -9,8 +9,8 @@ training peak beside them for scale.
 Time: one model, one input, training steps as ISDA's trainer runs them
 (``benchmarks/r50_models.train_step``), the switch toggled on the same model between steps, the
 two settings alternating (median ms each). Memory: the training peak RSS of fresh processes
-(``isda_vs_maskrcnn.memory_figures``: four steps each, the CPU allocator policy of
-train_net.py, the three processes alternating per repeat; median and min-max). The last stdout
+(``isda_vs_maskrcnn.memory_figures``: four steps each, the three processes alternating per
+repeat; median and min-max). The last stdout
 line is one JSON object.
 """
 import argparse
@@ -40,12 +40,9 @@ def main(argv=None):
 
     h, w = parse_size(args.size or ("512x768" if args.quick else "800x1216"))
     set_threads(args.threads)
-    from isda.utils.cpu_allocator import allocator_policy, apply_allocator_policy
-
-    apply_allocator_policy()
     train_repeats = args.train_repeats or (2 if args.quick else 5)
     memory_repeats = args.memory_repeats or (1 if args.quick else 3)
-    report = {"size": [h, w], "threads": args.threads, "allocator": allocator_policy(),
+    report = {"size": [h, w], "threads": args.threads,
               "train_repeats": train_repeats, "memory_repeats": memory_repeats}
 
     model, opt = build("isda")

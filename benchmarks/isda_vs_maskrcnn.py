@@ -22,7 +22,6 @@ spread min-max of the per-round ratios. The last stdout line is one JSON object.
 """
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import time
@@ -100,8 +99,7 @@ def memory_worker(name, mode, h, w, threads, isda_opts=()):
 
 def measure_memory(name, mode, h, w, threads, isda_opts=()):
     cmd = [sys.executable, __file__, "--_memory-worker", name, mode, "--size", f"{h}x{w}",
-           "--threads", str(threads), "--allocator", os.environ.get("ISDA_CPU_ALLOCATOR", "cache"),
-           "--isda-opts", *isda_opts]
+           "--threads", str(threads), "--isda-opts", *isda_opts]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
@@ -215,11 +213,6 @@ def main(argv=None):
     p.add_argument("--no-bf16", action="store_true",
                    help="skip ISDA's bf16 inference (TEST.PRECISION bf16) latency and memory")
     p.add_argument("--profile", action="store_true", help="ISDA per-stage breakdown only")
-    p.add_argument("--allocator", choices=("cache", "keep", "system"), default="cache",
-                   help="CPU memory policy for both models (isda/utils/cpu_allocator.py): "
-                        "'cache' ISDA's large-block cache, as train_net.py sets on the CPU; "
-                        "'keep' glibc with freed memory kept in its heap; 'system' glibc's "
-                        "default (mmap/munmap per large block)")
     p.add_argument("--isda-opts", nargs="*", default=[],
                    help="KEY VALUE overrides of ISDA's config, e.g.\n"
                         "MODEL.ISDA.ENCODER_CHECKPOINT True (memory for time)")
@@ -228,13 +221,6 @@ def main(argv=None):
     h, w = parse_size(args.size or ("512x768" if args.quick else "800x1216"))
     set_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    os.environ["ISDA_CPU_ALLOCATOR"] = args.allocator  # inherited by the memory subprocesses
-    from isda.utils.cpu_allocator import apply_allocator_policy
-
-    applied = apply_allocator_policy()
-    if applied != args.allocator:
-        print(f"allocator: {args.allocator} requested, {applied} in effect", file=sys.stderr)
-
     if args._memory_worker:
         name, mode = args._memory_worker
         peak = memory_worker(name, mode, h, w, args.threads, args.isda_opts)
@@ -257,7 +243,7 @@ def main(argv=None):
     report = {"size": [h, w], "threads": args.threads, "torch": torch.__version__,
               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "cpu_bf16_fast": cpu_bf16_is_fast(),
-              "allocator": applied, "isda_opts": args.isda_opts, "infer_repeats": repeats,
+              "isda_opts": args.isda_opts, "infer_repeats": repeats,
               "train_repeats": train_repeats, "memory_repeats": memory_repeats,
               "spreads": "min-max over the repeats"}
 

@@ -25,17 +25,17 @@ def main(argv=None):
     from ms_deform_attn import make_inputs
     from isda.layers.ms_deform_attn import load_extension
 
-    ext = load_extension()
-    if not getattr(ext, "forward_reads_bf16_value", False):
-        sys.exit("isda._C was built before the bf16-value forward: rebuild it (pip install -e .)")
+    if load_extension() is None:
+        sys.exit("isda._C (torch.ops.isda.ms_deform_attn) is not built: pip install -e .")
+    op = torch.ops.isda.ms_deform_attn
     value, shapes, starts, loc, attn, _ = make_inputs("encoder", 1, False)
     value, attn = value.to(torch.bfloat16), attn.to(torch.bfloat16)
 
     def float_copy():  # what the op did with a bf16 value before: cast, then the float kernel
-        return ext.ms_deform_attn_forward(value.float(), shapes, starts, loc, attn.float())
+        return op(value.float(), shapes, starts, loc, attn.float())
 
     def as_is():
-        return ext.ms_deform_attn_forward(value, shapes, starts, loc, attn.float())
+        return op(value, shapes, starts, loc, attn.float())
 
     same = torch.equal(float_copy(), as_is())
     times = alternating_medians({"float_copy": float_copy, "as_is": as_is}, repeats)

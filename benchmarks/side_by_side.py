@@ -33,7 +33,7 @@ def report_pair(report: dict, prefix: str, times: Dict[str, float], ref: str, ne
 
 def layer_benchmark_args(doc: str, argv=None):
     """Common command line of the layer benchmarks (``--quick``, ``--threads``, ``--repeats``);
-    sets the thread count and ISDA's allocator policy (for both implementations alike)."""
+    sets the thread count (for both implementations alike)."""
     import argparse
     import os
 
@@ -47,7 +47,4 @@ def layer_benchmark_args(doc: str, argv=None):
     args = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
-    from isda.utils.cpu_allocator import apply_allocator_policy
-
-    apply_allocator_policy()
     return args

@@ -49,7 +49,7 @@ def main(argv=None):
     cli = train_net.argument_parser().parse_args(
         ["--config-file", args.config_file, *SMALL, "SOLVER.MAX_ITER", str(args.iters),
          "SOLVER.CHECKPOINT_PERIOD", str(max(args.iters // 5, 1)), "OUTPUT_DIR", out])
-    cfg = train_net.setup(cli)  # also applies train_net's CPU allocator policy
+    cfg = train_net.setup(cli)
     proc = psutil.Process()
     samples = []  # (iteration done, rss MB)
 

@@ -44,21 +44,15 @@ def isda_extension_info() -> dict:
     except ImportError as e:
         return {"built": False, "error": str(e),
                 "note": "the PyTorch reference path is used (slow); see docs/troubleshooting.md"}
+    import torch
+
     devices = ["cpu"] + (["cuda"] if _C.has_cuda() else [])
-    try:
-        from isda import _dropout
-        dropout = {"built": True, "file": _dropout.__file__}
-    except ImportError as e:  # optional: torch's dropout is used instead
-        dropout = {"built": False, "error": str(e)}
-    try:
-        from isda import _cpu_cache
-        cache = {"built": True, "installed": bool(_cpu_cache.installed())}
-    except ImportError as e:  # optional: the "keep" glibc policy is used instead
-        cache = {"built": False, "error": str(e)}
-    from isda.utils.cpu_allocator import allocator_policy
-    cache["ISDA_CPU_ALLOCATOR"] = allocator_policy()
-    return {"built": True, "devices": devices, "file": _C.__file__,
-            "compiled_dropout (optional)": dropout, "cpu_block_cache (optional)": cache}
+    registered = hasattr(torch.ops.isda, "ms_deform_attn")
+    info = {"built": True, "devices": devices, "file": _C.__file__,
+            "torch.ops.isda.ms_deform_attn": registered}
+    if not registered:
+        info["note"] = "an extension built before the torch operator: rebuild it"
+    return info
 
 
 def compiler_version() -> str:

@@ -46,7 +46,7 @@ def _resolve_merged(cfg):
 
 
 def add_isda_config(cfg):
-    """Add ISDA's own keys (``MODEL.ISDA.*``, ``MODEL.CPU_FAST_PATHS``, the solver and input
+    """Add ISDA's own keys (``MODEL.ISDA.*``, the solver and input
     extras) to ``cfg``, with the authors' R50 setting as defaults (``docs/model.md``). Detectron2's
     existing keys keep Detectron2's defaults here: ISDA's values for them (backbone, pixel
     normalisation, input recipe, clipping, schedule) are in ``configs/Base-ISDA.yaml``, the base
@@ -131,11 +131,6 @@ def add_isda_config(cfg):
     # list of what did not load. True accepts a partial load (training always does: fine-tuning
     # from an ImageNet backbone or a converted Deformable DETR is partial). docs/checkpoints.md
     isda.ALLOW_PARTIAL_WEIGHTS = False
-
-    # CPU speed-ups (isda/cpu_fast_paths.py: oneDNN token Linear layers, compiled dropout, glibc
-    # keep-freed-memory policy), applied to the built model when MODEL.DEVICE is the CPU; False
-    # keeps the paper's plain modules (same parameters and checkpoints either way)
-    cfg.MODEL.CPU_FAST_PATHS = True
 
     # solver extras (read by the trainer; the values of Detectron2's own keys, e.g. the
     # full-model gradient clipping, are in configs/Base-ISDA.yaml)

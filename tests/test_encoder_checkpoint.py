@@ -1,5 +1,5 @@
 """``MODEL.ISDA.ENCODER_CHECKPOINT``: the encoder layers recompute their forward in the backward
-pass. Outputs and gradients (with dropout on, plain and CPU fast-path modules) against the same
+pass. Outputs and gradients (with dropout on and off) against the same
 encoder run without checkpointing, what is kept for the backward pass, and the config switch."""
 import copy
 from pathlib import Path
@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from isda.cpu_fast_paths import convert_to_cpu_fast_paths
-from isda.layers.dropout import fast_dropout_available
 from isda.modeling.deformable_encoder import DeformableEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,15 +24,13 @@ def _inputs(seed=0, n=2):
     return src, pos, ratios
 
 
-def _encoder(fast, dropout):
+def _encoder(dropout):
     torch.manual_seed(0)
     enc = DeformableEncoder(2, d_model=C, d_ffn=FFN, dropout=dropout, n_levels=len(SHAPES),
                             n_heads=HEADS, n_points=POINTS)
     with torch.no_grad():  # non-trivial offsets and weights (the init zeroes some of them)
         for p in enc.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    if fast:
-        convert_to_cpu_fast_paths(enc, allocator=False)
     return enc.train()
 
 
@@ -57,11 +53,9 @@ def _run(enc, src, pos, ratios, seed=5, pack=None):
     return [out.detach(), src.grad, pos.grad] + [p.grad.clone() for p in enc.parameters()]
 
 
-@pytest.mark.parametrize("fast,dropout", [(False, 0.0), (False, 0.2), (True, 0.2)])
-def test_checkpointed_encoder_gives_the_same_outputs_and_gradients(fast, dropout):
-    if fast and not fast_dropout_available(torch.zeros(1)):
-        pytest.skip("compiled dropout not built")
-    plain = _encoder(fast, dropout)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_checkpointed_encoder_gives_the_same_outputs_and_gradients(dropout):
+    plain = _encoder(dropout)
     ckpt = copy.deepcopy(plain)
     ckpt.checkpoint = True
     src, pos, ratios = _inputs()
@@ -89,7 +83,7 @@ def test_checkpointed_encoder_keeps_only_layer_inputs():
         _run(enc, *_inputs(), pack=pack)
         return sum(seen.values())
 
-    plain = _encoder(False, 0.1)
+    plain = _encoder(0.1)
     ckpt = copy.deepcopy(plain)
     ckpt.checkpoint = True
     tokens = sum(h * w for h, w in SHAPES) * 2

@@ -38,15 +38,12 @@ import isda  # noqa: E402,F401
 from isda import add_isda_config  # noqa: E402
 from isda.checkpoint import ISDACheckpointer  # noqa: E402
 from isda.export import (ExportableISDA, ExportedProgramPredictor, OnnxPredictor,  # noqa: E402
-                         outputs_to_instances, to_plain)
+                         outputs_to_instances)
 from isda.export.attention import ms_deform_attn_export  # noqa: E402
 from isda.export.exporter import MIN_OPSET, export_onnx, network_input, read_sidecar  # noqa: E402
 from isda.export.model import MIN_SIZE  # noqa: E402
-from isda.export.plain import speedup_layers  # noqa: E402
-from isda.layers.dropout import FastDropout  # noqa: E402
 from isda.layers.ms_deform_attn import (compiled_available, ms_deform_attn,  # noqa: E402
                                         ms_deform_attn_reference, set_backend)
-from isda.layers.token_linear import TokenLinear  # noqa: E402
 from isda.predictor import ISDAPredictor  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,22 +251,19 @@ def test_small_images_are_padded_to_the_minimum(setup):
     assert bool(torch.isfinite(small.scores).all())
 
 
-def test_plain_form_keeps_weights_and_function(setup):
+def test_exportable_form_leaves_the_model_and_keeps_its_function(setup):
     model = setup["model"]
     types = [type(m) for m in model.modules()]
-    plain = to_plain(model)
-    kinds = {type(m) for m in plain.modules()}
-    assert TokenLinear not in kinds and FastDropout not in kinds and not speedup_layers(plain)
-    assert [type(m) for m in model.modules()] == types  # the model is left as it was
-    a, b = model.state_dict(), plain.state_dict()
-    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     _, img = _images("nuclei_val")[0]
     x = torch.from_numpy(network_input(img, 0, 0)[0])
     with torch.no_grad():
+        exportable = ExportableISDA(model)
+        raw = exportable(x[None])
         ra = model([{"image": x}])[0]["instances"]
-        rb = plain.eval()([{"image": x}])[0]["instances"]
-        raw = ExportableISDA(model)(x[None])
-    compare_instances(ra, rb)
+    assert [type(m) for m in model.modules()] == types  # the model is left as it was
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert any(type(m).__name__ == "ExportMSDeformAttn" for m in exportable.modules())
     compare_instances(ra, outputs_to_instances(*raw, x.shape[-2:]))
 
 

@@ -26,7 +26,6 @@ import isda.layers.ms_deform_attn as msda
 import isda.layers.ms_deform_attn_checks as msda_checks
 from isda.layers.ms_deform_attn import (
     MSDeformAttn,
-    MSDeformAttnFunction,
     ms_deform_attn,
     ms_deform_attn_reference,
     set_backend,
@@ -178,11 +177,26 @@ def test_cuda_op_gradcheck_float64(cuda_op):
     ins = [t.to(DEVICE).requires_grad_() for t in (value, loc, attn)]
 
     def fn(v, lo, a):
-        return MSDeformAttnFunction.apply(v, shapes, starts, lo, a)
+        return torch.ops.isda.ms_deform_attn(v, shapes, starts, lo, a)
 
     # grad_value is accumulated with atomicAdd: not bit-reproducible, hence nondet_tol
     assert torch.autograd.gradcheck(fn, tuple(ins), eps=1e-6, atol=1e-7, rtol=1e-5,
                                     nondet_tol=1e-12)
+
+
+@needs_cuda
+def test_cuda_opcheck(cuda_op):
+    """torch.library.opcheck of the CUDA kernels: schema, fake kernels, autograd registration."""
+    for dtype in (torch.float64, torch.float32):
+        value, shapes, starts, loc, attn = (t.to(DEVICE) for t in _inputs(
+            [(3, 4), (2, 2)], 2, 3, 2, 3, 2, seed=6))
+        value, loc, attn = (t.to(dtype) for t in (value, loc, attn))
+        grad = torch.randn(2, 3, 6, dtype=dtype, device=DEVICE)
+        torch.library.opcheck(torch.ops.isda.ms_deform_attn_backward.default,
+                              (value, shapes, starts, loc, attn, grad))
+        torch.library.opcheck(torch.ops.isda.ms_deform_attn.default,
+                              (value.requires_grad_(), shapes, starts, loc.requires_grad_(),
+                               attn.requires_grad_()))
 
 
 @needs_cuda

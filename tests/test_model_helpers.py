@@ -79,7 +79,7 @@ def test_config_defaults():
     assert s.OPTIMIZER == "ADAMW"
     assert (s.BACKBONE_MULTIPLIER, s.SAMPLING_OFFSET_MULTIPLIER, s.REFERENCE_POINT_MULTIPLIER) == (0.1,) * 3
     assert s.AMP.ENABLED is False
-    assert cfg.MODEL.CPU_FAST_PATHS is True
+    assert not hasattr(cfg.MODEL, "CPU_FAST_PATHS")  # removed: the model is plain PyTorch
     assert (cfg.INPUT.CROP.PROB, cfg.INPUT.CROP.PRE_RESIZE_SIZES) == (0.5, (400, 500, 600))
     assert cfg.INPUT.BAD_SAMPLE_POLICY == "raise" and cfg.INPUT.ISDA.RANDOM_TRANSPOSE == 0.0
     # Detectron2's own keys keep Detectron2's defaults: ISDA's values are in Base-ISDA.yaml

@@ -171,26 +171,6 @@ def test_matched_kernel_masks_backward_writes_one_feature_sized_gradient():
     assert len(mode.seen) == 1, len(mode.seen)
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_matched_kernel_masks_gradient_keeps_the_features_layout(channels_last):
-    """Channels-last mask features (ISDA's on the CPU) get a channels-last gradient: the mask
-    head's GroupNorm + ReLU backward then needs no layout conversion (a transposing copy and
-    strided passes over 62 MB per image at 800x1216). Values against float64."""
-    from isda.modeling.criterion import matched_kernel_masks
-
-    kernels, feats, idx = _matched_case(d=16, hw=(12, 10))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    leaf = feats.clone(memory_format=fmt).requires_grad_()
-    f32 = leaf + 0  # a non-leaf (a leaf's .grad is made to match its layout afterwards)
-    seen = []
-    f32.register_hook(seen.append)  # the gradient as the product's backward writes it
-    f64 = feats.double().requires_grad_()
-    for f in (f32, f64):
-        sum((t * t).sum() for t in matched_kernel_masks(kernels.to(f.dtype), f, idx)).backward()
-    assert f32.is_contiguous(memory_format=fmt) and seen[0].is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(seen[0].double(), f64.grad, rtol=1e-5, atol=1e-4)
-
-
 def test_check_finite_reads_channels_last_tensors_without_copying_them():
     from isda.modeling.criterion import check_finite
 

@@ -10,7 +10,6 @@ import isda.layers.ms_deform_attn as msda
 import isda.layers.ms_deform_attn_backend as msda_backend
 from isda.layers.ms_deform_attn import (
     MSDeformAttn,
-    MSDeformAttnFunction,
     flop_count_handles,
     ms_deform_attn,
     ms_deform_attn_reference,
@@ -150,7 +149,7 @@ def test_gradcheck_compiled_float64():
     attn = torch.rand(N, Lq, M, 3, P, generator=g, dtype=torch.float64, requires_grad=True)
 
     def fn(v, lo, a):
-        return MSDeformAttnFunction.apply(v, shapes, starts, lo, a)
+        return torch.ops.isda.ms_deform_attn(v, shapes, starts, lo, a)
 
     assert torch.autograd.gradcheck(fn, (value, loc, attn), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -349,7 +348,7 @@ def test_fvcore_flop_handle():
 
     class Op(torch.nn.Module):
         def forward(self, v, lo, a):
-            return MSDeformAttnFunction.apply(v, shapes, starts, lo, a)
+            return torch.ops.isda.ms_deform_attn(v, shapes, starts, lo, a)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -360,22 +359,20 @@ def test_fvcore_flop_handle():
     assert total == 5 * 1 * 3 * 2 * 2 * 2 * 8
 
 
-def test_extension_direct_calls_upcast_and_check():
-    from isda import _C
-
+def test_operator_direct_calls_upcast_and_check():
+    op, op_backward = torch.ops.isda.ms_deform_attn, torch.ops.isda.ms_deform_attn_backward
     value, shapes, starts, loc, attn = _inputs([(4, 3), (2, 2)], N=1, Lq=3, M=2, D=5, P=2, seed=8)
     ref = ms_deform_attn_reference(value, shapes, starts, loc, attn)
     half = [t.to(torch.bfloat16) for t in (value, loc, attn)]
-    out = _C.ms_deform_attn_forward(half[0], shapes, starts, half[1], half[2])
+    out = op(half[0], shapes, starts, half[1], half[2])
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), ref, rtol=5e-2, atol=5e-2)
-    grads = _C.ms_deform_attn_backward(half[0], shapes, starts, half[1], half[2],
-                                       torch.ones_like(out))
+    grads = op_backward(half[0], shapes, starts, half[1], half[2], torch.ones_like(out))
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
     with pytest.raises(RuntimeError, match="dtype"):
-        _C.ms_deform_attn_forward(value, shapes, starts, loc.float(), attn)
+        op(value, shapes, starts, loc.float(), attn)
     with pytest.raises(RuntimeError, match="attention_weights"):
-        _C.ms_deform_attn_forward(value, shapes, starts, loc, attn[..., :1])
+        op(value, shapes, starts, loc, attn[..., :1])
 
 
 @pytest.mark.parametrize("D", [32, 6])  # the register-accumulated and the generic channel loop
@@ -384,28 +381,23 @@ def test_bf16_value_read_as_is_by_the_cpu_forward(monkeypatch, D, attn_dtype):
     """bf16 inference: the encoder's bf16 value projection goes to the CPU kernel without a
     float32 copy, with the results of that copy (bf16 -> float32 is exact) bit for bit, and
     close to the float64 reference on the bf16-rounded values."""
-    from isda import _C
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    op = torch.ops.isda.ms_deform_attn
     value, shapes, starts, loc, attn = _inputs([(9, 7), (4, 3)], N=1, Lq=40, M=2, D=D, P=3,
                                                seed=11)
     value_bf16 = value.to(torch.bfloat16)
     loc32, attn_in = loc.float(), attn.to(attn_dtype)
-    want = _C.ms_deform_attn_forward(value_bf16.float(), shapes, starts, loc32, attn_in.float())
+    want = op(value_bf16.float(), shapes, starts, loc32, attn_in.float())
     seen = []
 
-    class Spy:
-        def __getattr__(self, name):
-            real = getattr(_C, name)
-            if name != "ms_deform_attn_forward":
-                return real
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is op.default:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
 
-            def forward(v, *args):
-                seen.append(v.dtype)
-                return real(v, *args)
-            return forward
-
-    monkeypatch.setattr(msda, "load_extension", lambda: Spy())
-    with set_backend("compiled"), torch.no_grad():
+    with set_backend("compiled"), torch.no_grad(), Spy():
         got = ms_deform_attn(value_bf16, shapes, starts, loc32, attn_in)
     assert seen == [torch.bfloat16]  # no float32 copy of the value was made
     assert got.dtype == torch.float32 and torch.equal(got, want)
@@ -413,9 +405,103 @@ def test_bf16_value_read_as_is_by_the_cpu_forward(monkeypatch, D, attn_dtype):
                                    attn_in.double())
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     # direct call: float32 output; other mixed combinations are still refused by name
-    direct = _C.ms_deform_attn_forward(value_bf16, shapes, starts, loc32, attn_in.float())
+    direct = op(value_bf16, shapes, starts, loc32, attn_in.float())
     assert direct.dtype == torch.float32 and torch.equal(direct, want)
     with pytest.raises(RuntimeError, match="dtype"):
-        _C.ms_deform_attn_forward(value.half(), shapes, starts, loc32, attn_in.float())
+        op(value.half(), shapes, starts, loc32, attn_in.float())
     with pytest.raises(RuntimeError, match="dtype"):
-        _C.ms_deform_attn_forward(value_bf16, shapes, starts, loc, attn)  # float64 locations
+        op(value_bf16, shapes, starts, loc, attn)  # float64 locations
+
+
+# ------------------------------------------------------------------------------------------
+# the torch operator: opcheck, torch.compile, torch.export
+# ------------------------------------------------------------------------------------------
+def test_opcheck_forward_and_backward_operators():
+    """torch.library.opcheck: schema, fake kernels against the CPU kernels, autograd
+    registration and AOT dispatch (with and without dynamic shapes)."""
+    op, op_backward = torch.ops.isda.ms_deform_attn.default, torch.ops.isda.ms_deform_attn_backward.default
+    for dtype in (torch.float64, torch.float32):
+        value, shapes, starts, loc, attn = _inputs([(4, 5), (2, 3)], N=2, Lq=3, M=2, D=4, P=2,
+                                                   dtype=dtype, seed=3)
+        grad = torch.randn(2, 3, 8, dtype=dtype)
+        torch.library.opcheck(op_backward, (value, shapes, starts, loc, attn, grad))
+        args = (value.requires_grad_(), shapes, starts, loc.requires_grad_(), attn.requires_grad_())
+        torch.library.opcheck(op, args)
+    # the CPU's bf16-value form (bf16 inference): float32 output
+    value, shapes, starts, loc, attn = _inputs([(4, 5)], N=1, Lq=3, M=2, D=4, P=2, seed=4)
+    torch.library.opcheck(op, (value.bfloat16(), shapes, starts, loc.float(), attn.float()))
+
+
+def _tiny_encoder_inputs(seed=0):
+    from isda.modeling.deformable_encoder import DeformableEncoder, encoder_reference_points
+
+    torch.manual_seed(seed)
+    enc = DeformableEncoder(2, d_model=32, d_ffn=64, dropout=0.0, n_levels=2, n_heads=4,
+                            n_points=2)
+    with torch.no_grad():  # non-trivial offsets and attention weights
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    shapes, starts, S = _levels([(6, 8), (3, 4)])
+    src = torch.randn(2, S, 32)
+    pos = torch.randn(2, S, 32)
+    ref = encoder_reference_points(shapes, torch.ones(2, 2, 2))
+    return enc, (src, pos, ref, shapes, starts)
+
+
+def _run_layers(enc, src, pos, ref, shapes, starts):
+    """The encoder's layer stack (its reference points computed outside: they read the level
+    sizes on the host)."""
+    for layer in enc.layers:
+        src = layer(src, pos, ref, shapes, starts, None)
+    return src
+
+
+def test_torch_compile_of_the_encoder_has_no_graph_break():
+    """fullgraph=True fails on any graph break; the op is one node of the captured graph, and
+    the compiled forward and backward (AOT autograd through the registered formula) equal the
+    eager ones."""
+    import torch._dynamo
+
+    enc, (src, pos, ref, shapes, starts) = _tiny_encoder_inputs()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run = torch.compile(_run_layers, fullgraph=True, backend=recording_backend)
+    with set_backend("compiled"), torch.no_grad():
+        got = run(enc, src, pos, ref, shapes, starts)
+        want = _run_layers(enc, src, pos, ref, shapes, starts)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if "isda.ms_deform_attn" in str(n.target)]
+    assert len(calls) == 2, [str(n.target) for n in graphs[0].graph.nodes]
+
+    torch._dynamo.reset()
+    run = torch.compile(_run_layers, fullgraph=True, backend="aot_eager")
+    grads = {}
+    for name, fn in (("compiled", run), ("eager", _run_layers)):
+        enc.zero_grad()
+        x = src.clone().requires_grad_()
+        with set_backend("compiled"):
+            fn(enc, x, pos, ref, shapes, starts).square().sum().backward()
+        grads[name] = [x.grad] + [p.grad.clone() for p in enc.parameters()]
+    for a, b in zip(grads["compiled"], grads["eager"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_torch_export_shows_the_op_as_one_node():
+    torch.manual_seed(0)
+    shapes, starts, S = _levels([(6, 8), (3, 4)])
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2).eval()
+    args = (torch.randn(1, 7, 32), torch.rand(1, 7, 2, 2), torch.randn(1, S, 32), shapes, starts)
+    with set_backend("compiled"):
+        program = torch.export.export(module, args)
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.isda.ms_deform_attn.default) == 1, targets
+    assert not any("grid_sampler" in str(t) for t in targets)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*args), module(*args), rtol=1e-6, atol=1e-6)

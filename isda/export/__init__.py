@@ -1,6 +1,5 @@
 """Export of ISDA models (ONNX, ``torch.export``) and runtimes for the exported files.
 
-* :mod:`isda.export.plain` - the model's plain form (speed-up layers back to stock PyTorch);
 * :mod:`isda.export.attention` - deformable attention with symbolic level sizes (grid_sample);
 * :mod:`isda.export.model` - :class:`ExportableISDA`, the traceable image -> top-k outputs;
 * :mod:`isda.export.exporter` - ``torch.export`` / ONNX export with dynamic height and width,
@@ -14,9 +13,8 @@ needed.
 from .exporter import export_isda, export_onnx, export_program, read_sidecar
 from .model import MIN_SIZE, ExportableISDA
 from .onnx_predictor import ExportedProgramPredictor, OnnxPredictor, load_predictor
-from .plain import to_plain
 from .postprocess import outputs_to_instances
 
-__all__ = ["ExportableISDA", "MIN_SIZE", "to_plain", "export_isda", "export_onnx",
+__all__ = ["ExportableISDA", "MIN_SIZE", "export_isda", "export_onnx",
            "export_program", "read_sidecar", "outputs_to_instances", "OnnxPredictor",
            "ExportedProgramPredictor", "load_predictor"]

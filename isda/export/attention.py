@@ -11,14 +11,13 @@ shapes (Python ints when run eagerly, symbolic sizes under ``torch.export``), no
 :class:`ExportMSDeformAttn` is :class:`isda.layers.ms_deform_attn.MSDeformAttn` with that
 attention: same sub-layers (same state dict), same arithmetic, and the level sizes as a list.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
-from .plain import plain_linear
 
 __all__ = ["ms_deform_attn_export", "ExportMSDeformAttn", "level_sizes_tensor"]
 
@@ -57,8 +56,8 @@ def ms_deform_attn_export(value: torch.Tensor, shapes: Sequence[Tuple[int, int]]
 class ExportMSDeformAttn(nn.Module):
     """:class:`MSDeformAttn` taking the level sizes as a list of ``(H_l, W_l)``.
 
-    Built from a (trained) ``MSDeformAttn`` with :meth:`from_module`: its four projections become
-    plain ``nn.Linear`` layers sharing the original Parameters, under the same names.
+    Built from a (trained) ``MSDeformAttn`` with :meth:`from_module`: its four ``nn.Linear``
+    projections are taken over, under the same names.
     """
 
     def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int,
@@ -75,18 +74,15 @@ class ExportMSDeformAttn(nn.Module):
     @classmethod
     def from_module(cls, attn: MSDeformAttn) -> "ExportMSDeformAttn":
         out = cls(attn.d_model, attn.n_levels, attn.n_heads, attn.n_points,
-                  plain_linear(attn.sampling_offsets), plain_linear(attn.attention_weights),
-                  plain_linear(attn.value_proj), plain_linear(attn.output_proj))
+                  attn.sampling_offsets, attn.attention_weights, attn.value_proj,
+                  attn.output_proj)
         out.train(attn.training)
         return out
 
     def forward(self, query, reference_points, input_flatten, shapes: List[Tuple[int, int]],
-                input_level_start_index=None, input_padding_mask=None,
-                query_pos: Optional[torch.Tensor] = None):
+                input_level_start_index=None, input_padding_mask=None):
         """As ``MSDeformAttn.forward`` with ``shapes`` = [(H_l, W_l)] * L in place of
         ``input_spatial_shapes``; ``input_level_start_index`` is not needed (ignored)."""
-        if query_pos is not None:
-            query = query + query_pos
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
         m, num_levels, p = self.n_heads, self.n_levels, self.n_points
@@ -98,14 +94,10 @@ class ExportMSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, m, num_levels * p)
         weights = F.softmax(weights, -1).view(n, lq, m, num_levels, p)
         if reference_points.shape[-1] == 2:
-            # the normal module's arithmetic: one addcmul with 1 / (W_l, H_l)
-            inv_size = 1.0 / level_sizes_tensor(shapes, offsets)  # [L, 2]
-            inv_size = inv_size[:, None, :].expand(num_levels, p, 2).reshape(
-                1, 1, num_levels * p * 2)
-            ref = reference_points[:, :, None, :, None, :].expand(n, lq, 1, num_levels, p, 2)
-            locations = torch.addcmul(ref.reshape(n * lq, 1, num_levels * p * 2),
-                                      offsets.reshape(n * lq, m, num_levels * p * 2), inv_size)
-            locations = locations.view(n, lq, m, num_levels, p, 2)
+            # the normal module's arithmetic: offsets in pixels of each level, divided by (W_l, H_l)
+            sizes = level_sizes_tensor(shapes, offsets)  # [L, 2]
+            locations = (reference_points[:, :, None, :, None, :]
+                         + offsets / sizes[None, None, None, :, None, :])
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / p * reference_points[:, :, None, :, None, 2:] * 0.5)

@@ -1,7 +1,6 @@
 """Export an ISDA model to ONNX or to a ``torch.export`` program, with any input size.
 
-The model is exported in its plain form (:func:`isda.export.plain.to_plain`) through
-:class:`isda.export.model.ExportableISDA`. Both formats come from one ``torch.export`` capture
+The model is exported through :class:`isda.export.model.ExportableISDA`. Both formats come from one ``torch.export`` capture
 with dynamic height and width (``Dim.DYNAMIC``, min :data:`MIN_SIZE`): the ONNX file is that
 program translated by torch's dynamo-based ONNX exporter (needs ``onnxscript``).
 

@@ -1,4 +1,4 @@
-"""``ExportableISDA``: a built ISDA model in its plain form, as one traceable function of the image.
+"""``ExportableISDA``: a built ISDA model as one traceable function of the image.
 
 Graph contract (one image, any height and width >= :data:`MIN_SIZE`):
 
@@ -24,8 +24,7 @@ outside the graph.
 
 Differences from the normal forward, none of which changes the function computed:
 
-* device-specific layers in their plain form (:func:`isda.export.plain.to_plain`), the
-  deformable attention as grid_sample with the level sizes read from the feature maps'
+* the deformable attention as grid_sample with the level sizes read from the feature maps'
   (symbolic) shapes (:mod:`isda.export.attention`);
 * the padding mask is always applied (the normal forward skips it when nothing is padded,
   which masks nothing either);
@@ -36,6 +35,8 @@ Differences from the normal forward, none of which changes the function computed
 
 Results agree with the normal model to float rounding (``tests/test_export.py``).
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +45,6 @@ from ..layers.ms_deform_attn import MSDeformAttn
 from ..modeling.deformable_encoder import encoder_reference_points
 from ..modeling.meta_arch import SIZE_DIVISIBILITY, level_tokens, pyramid
 from .attention import ExportMSDeformAttn
-from .plain import to_plain
 
 __all__ = ["ExportableISDA", "MIN_SIZE", "export_linspace", "INPUT_NAMES", "OUTPUT_NAMES"]
 
@@ -84,7 +84,7 @@ def _swap_attention(module: nn.Module) -> None:
 
 
 class ExportableISDA(nn.Module):
-    """Wraps a built ``ISDA`` model (a copy in its plain form, eval mode) as
+    """Wraps a built ``ISDA`` model (a copy, eval mode) as
     ``image [1, 3, H, W] -> (scores [T], classes [T], mask_logits [T, Hp/s, Wp/s])``.
 
     Args:
@@ -94,7 +94,7 @@ class ExportableISDA(nn.Module):
 
     def __init__(self, model: nn.Module, topk: int = None):
         super().__init__()
-        plain = to_plain(model).eval()
+        plain = copy.deepcopy(model).eval()
         _swap_attention(plain)
         self.backbone = plain.backbone
         self.mapper = plain.mapper

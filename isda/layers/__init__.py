@@ -5,7 +5,6 @@ re-exported here so that ``isda.layers.ms_deform_attn`` keeps naming the submodu
 """
 from .ms_deform_attn import (
     MSDeformAttn,
-    MSDeformAttnFunction,
     flop_count_handles,
     ms_deform_attn_flop_jit,
     ms_deform_attn_reference,
@@ -14,7 +13,6 @@ from .ms_deform_attn import (
 
 __all__ = [
     "MSDeformAttn",
-    "MSDeformAttnFunction",
     "flop_count_handles",
     "ms_deform_attn_flop_jit",
     "ms_deform_attn_reference",

@@ -53,27 +53,31 @@ def get_backend() -> str:
     return _backend
 
 
+_UNLOADED = object()
+_extension = _UNLOADED  # the loaded isda._C (None when missing), once asked
+_has_cuda = False
+
+
 def load_extension():
-    try:
-        from isda import _C
-    except ImportError:
-        return None
-    if not hasattr(_C, "ms_deform_attn_forward"):
-        return None
-    return _C
+    """The extension ``isda._C`` once it has registered ``torch.ops.isda.ms_deform_attn``, or
+    None (not built, or built before the op was a torch operator)."""
+    global _extension, _has_cuda
+    if _extension is _UNLOADED:
+        try:
+            from isda import _C
+            torch.ops.isda.ms_deform_attn  # noqa: B018  (registered when _C is loaded)
+            _extension, _has_cuda = _C, bool(_C.has_cuda())
+        except (ImportError, AttributeError, RuntimeError):
+            _extension = None
+    return _extension
 
 
 def compiled_available(device: Any = "cpu") -> bool:
     """Whether the compiled op can run on ``device``."""
-    ext = load_extension()
-    if ext is None:
+    if load_extension() is None:
         return False
     dev = torch.device(device)
-    if dev.type == "cpu":
-        return True
-    if dev.type == "cuda":
-        return bool(ext.has_cuda())
-    return False
+    return dev.type == "cpu" or (dev.type == "cuda" and _has_cuda)
 
 
 def use_compiled(device: torch.device) -> bool:

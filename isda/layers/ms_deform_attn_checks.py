@@ -4,7 +4,8 @@ Every call checks the inputs' types, dtypes, devices and shapes (tensor metadata
 device). The checks that need the *values* of ``spatial_shapes`` and ``level_start_index``
 (non-negative sizes summing to S, starts equal to the exclusive cumsum) run on CPU tensors only:
 on the GPU they would copy to the host and synchronise every call, so the compiled CUDA path
-makes no device-to-host copy (checked by ``tests/test_gpu.py``). Wrong level metadata on the GPU
+makes no device-to-host copy (checked by ``tests/test_gpu.py``), nor do traced calls
+(``torch.compile``, ``torch.export``). Wrong level metadata on the GPU
 makes the kernels read out of bounds: to debug, turn the value checks on for every device with
 ``ISDA_MSDA_VALIDATE=1`` or :class:`set_validation`.
 """
@@ -90,7 +91,7 @@ def validate_inputs(value, spatial_shapes, level_start_index, sampling_locations
     if attention_weights.shape != (n, lq, m, l, p):
         raise ValueError(f"attention_weights must be [N, Lq, M, L, P] = {[n, lq, m, l, p]}, got "
                          f"shape {tuple(attention_weights.shape)}")
-    if value.device.type != "cpu" and not _validate_values:
+    if (value.device.type != "cpu" and not _validate_values) or _tracing(spatial_shapes):
         return
     shapes = spatial_shapes.detach().cpu().to(torch.int64)
     if (shapes < 0).any():
@@ -103,6 +104,14 @@ def validate_inputs(value, spatial_shapes, level_start_index, sampling_locations
     if not torch.equal(level_start_index.detach().cpu().to(torch.int64), expected):
         raise ValueError(f"level_start_index {level_start_index.tolist()} must be the exclusive "
                          f"cumsum of H*W, i.e. {expected.tolist()}")
+
+
+def _tracing(t) -> bool:
+    """Whether ``t`` is being traced by ``torch.compile`` / ``torch.export`` (no values to read:
+    the value checks are skipped there)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 def promoted_dtypes(value, sampling_locations, attention_weights):

@@ -1,6 +1,6 @@
 """FLOP counting of ISDA's attention ops for fvcore (multiply-adds, fvcore's convention).
 
-fvcore traces the custom autograd Function as the op ``prim::PythonOp.MSDeformAttnFunction``
+fvcore traces the compiled op as ``isda::ms_deform_attn``
 and the decoder's self-attention as ``aten::scaled_dot_product_attention``, neither of which it
 counts by itself: register the handles of :func:`flop_count_handles`, e.g.
 ``FlopCountAnalysis(model, inputs).set_op_handle(**flop_count_handles())``.
@@ -10,7 +10,7 @@ from typing import Any, Dict, List
 __all__ = ["TRACED_OP_NAME", "ms_deform_attn_flop_jit", "sdpa_flop_jit", "flop_count_handles"]
 
 #: Name under which ``torch.jit.trace`` (and hence fvcore) records the compiled op.
-TRACED_OP_NAME = "prim::PythonOp.MSDeformAttnFunction"
+TRACED_OP_NAME = "isda::ms_deform_attn"
 
 
 def _shape(v) -> List[int]:
@@ -20,7 +20,7 @@ def _shape(v) -> List[int]:
 
 
 def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """fvcore handle for ``prim::PythonOp.MSDeformAttnFunction``.
+    """fvcore handle for ``isda::ms_deform_attn``.
 
     Counts multiply-adds (fvcore's convention): per sample point and channel, 4 for the bilinear
     corners plus 1 for the attention weight, i.e. ``5 * N * Lq * M * L * P * D``.

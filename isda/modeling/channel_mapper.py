@@ -2,16 +2,10 @@
 import fvcore.nn.weight_init as weight_init
 from torch import nn
 
-from ..layers.group_norm import run_keeping_norm_outputs
-
 
 class ChannelMapper(nn.Module):
     """1x1 conv + GroupNorm (no activation) per input level; the extra level P6 is a 3x3 stride-2
     conv + GroupNorm on the last input (C5).
-
-    In training the norms keep their outputs for the backward pass instead of their inputs
-    (:func:`isda.layers.group_norm.run_keeping_norm_outputs`): the mask-feature head's
-    convolutions keep the outputs anyway.
     """
 
     def __init__(self, in_channels, out_channels=256, num_extra=1, gn_groups=32):
@@ -36,10 +30,9 @@ class ChannelMapper(nn.Module):
     def forward(self, feats):
         """feats: list of [N, C_i, H_i, W_i] (fine to coarse) -> list of [N, out, H_i, W_i],
         len(feats) + num_extra maps."""
-        # the norms keep their outputs for the backward pass (the next layers keep them anyway)
-        outs = [run_keeping_norm_outputs(layer, x) for layer, x in zip(self.lateral, feats)]
+        outs = [layer(x) for layer, x in zip(self.lateral, feats)]
         x = feats[-1]
         for layer in self.extra:
-            x = run_keeping_norm_outputs(layer, x)
+            x = layer(x)
             outs.append(x)
         return outs

@@ -2,10 +2,7 @@
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
-
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
@@ -212,32 +209,6 @@ class SetCriterion(nn.Module):
         return losses
 
 
-class _BmmKeepingLayout(Function):
-    """``torch.bmm(a, b)`` whose gradient for ``b`` comes in ``b``'s memory layout. ``b`` is the
-    [N, D, H * W] view of the mask features, which are channels-last on the CPU (stored as
-    [N, H * W, D]): bmm's own backward writes a [N, D, H * W] gradient, and the mask-feature
-    head's GroupNorm + ReLU backward then worked on two layouts (a transposing copy and strided
-    passes over 62 MB per image at 800x1216). Same products, same values."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return torch.bmm(a, b)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        grad_a = grad.bmm(b.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        grad_b = None
-        if ctx.needs_input_grad[1]:
-            if b.stride(1) == 1 and b.shape[1] > 1:  # b stored transposed: [N, H * W, D]
-                grad_b = torch.bmm(grad.transpose(1, 2), a).transpose(1, 2)
-            else:
-                grad_b = torch.bmm(a.transpose(1, 2), grad)
-        return grad_a, grad_b
-
-
 def matched_kernel_masks(kernels, mask_features, all_indices):
     """Mask logits (with gradient) of the matched queries of every layer.
 
@@ -263,7 +234,7 @@ def matched_kernel_masks(kernels, mask_features, all_indices):
         rows.append(torch.cat(parts))
     m_max = max(r.shape[0] for r in rows)
     padded = torch.stack([F.pad(r, (0, 0, 0, m_max - r.shape[0])) for r in rows])
-    prod = _BmmKeepingLayout.apply(padded, feats).reshape(n * m_max, feats.shape[-1])
+    prod = torch.bmm(padded, feats).reshape(n * m_max, feats.shape[-1])
     # row order of the result: layer, then image, then match
     starts = [[i * m_max + sum(sz[:l]) for l in range(len(sz))] for i, sz in enumerate(sizes)]
     pick = [r for l in range(len(all_indices)) for i in range(n)

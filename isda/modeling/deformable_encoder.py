@@ -4,7 +4,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..layers.ms_deform_attn import MSDeformAttn
-from .transformer_blocks import ActivationDropout, feed_forward, layer_norm_keeping_output
+from .transformer_blocks import ActivationDropout
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -24,14 +24,11 @@ class DeformableEncoderLayer(nn.Module):
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: [N, S, C]; reference_points: [N, S, L, 2] -> [N, S, C]."""
-        # the query is src + pos; passed apart so that training keeps no copy of the sum
-        src2 = self.self_attn(src, reference_points, src, spatial_shapes, level_start_index,
-                              padding_mask, query_pos=pos)
-        # training keeps each norm's output (kept anyway by the next block), not its input
-        src = layer_norm_keeping_output(src + self.dropout1(src2), self.norm1)
-        # the FFN's hidden state is recomputed in the backward pass (transformer_blocks)
-        src2 = feed_forward(src, self.linear1, self.activation_dropout, self.linear2)
-        return layer_norm_keeping_output(src + self.dropout3(src2), self.norm2)
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes,
+                              level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(src2))
+        src2 = self.linear2(self.activation_dropout(self.linear1(src)))
+        return self.norm2(src + self.dropout3(src2))
 
 
 def token_centres(spatial_shapes, valid_ratios):

@@ -4,8 +4,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers.group_norm import run_keeping_norm_outputs
-
 
 def coord_channels(x):
     """Normalised (x, y) coordinates in [-1, 1] of every pixel of ``x`` [N, C, H, W] ->
@@ -36,10 +34,6 @@ class MaskFeatureHead(nn.Module):
     ``coords`` ("MP") the P5 branch reads P5 concatenated with 2 coordinate channels. The branch
     outputs are summed; for ``out_stride`` 2 one more round runs on the sum; finally a 1x1 conv
     + GN + ReLU maps to ``out_channels``.
-
-    In training each GN + ReLU keeps the GN's output for the backward pass instead of the GN's
-    input and the ReLU's output (:func:`isda.layers.group_norm.run_keeping_norm_outputs`): the
-    ReLU outputs feed an upsampling or the branch sum, which keep nothing.
     """
 
     def __init__(self, in_channels=256, feat_channels=128, out_channels=256, out_stride=4,
@@ -73,7 +67,7 @@ class MaskFeatureHead(nn.Module):
             x = feats[s]
             if self.coords and s == 32:
                 x = torch.cat([x, coord_channels(x)], dim=1)
-            y = run_keeping_norm_outputs(branch, x)
+            y = branch(x)
             if out is None:
                 out = y
             else:
@@ -81,5 +75,5 @@ class MaskFeatureHead(nn.Module):
                     y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
                 out = out + y
         if self.extra is not None:
-            out = run_keeping_norm_outputs(self.extra, out)
-        return run_keeping_norm_outputs(self.output, out)
+            out = self.extra(out)
+        return self.output(out)

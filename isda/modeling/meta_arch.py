@@ -79,14 +79,10 @@ class ISDA(nn.Module):
     def __init__(self, *, backbone, in_features, mapper, encoder, decoder, mask_head, heads,
                  criterion, num_feature_levels, hidden_dim, mask_stride, mask_feature_source,
                  pixel_mean, pixel_std, test_topk=100, mask_threshold=0.5, chunk_pixels=1 << 25,
-                 cpu_fast_paths=False, test_precision="fp32", query_selection=None,
-                 dense_criterion=None, dense_head=None, score_threshold=0.0,
-                 max_mask_bytes=MAX_MASK_BYTES, dedup="none", dedup_iou=0.5,
-                 dedup_sigma=2.0):
-        """``cpu_fast_paths``: convert the built model with
-        :func:`isda.cpu_fast_paths.convert_to_cpu_fast_paths` (``MODEL.CPU_FAST_PATHS`` on a
-        CPU ``MODEL.DEVICE``); the modules built here are the paper's, in plain PyTorch.
-        ``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
+                 test_precision="fp32", query_selection=None, dense_criterion=None,
+                 dense_head=None, score_threshold=0.0, max_mask_bytes=MAX_MASK_BYTES,
+                 dedup="none", dedup_iou=0.5, dedup_sigma=2.0):
+        """``test_precision`` (``MODEL.ISDA.TEST.PRECISION``): "fp32", or "bf16" to run inference
         up to the mask features under bf16 autocast (post-processing stays fp32).
         ``dense_criterion`` (``MODEL.ISDA.DENSE_LOSS_WEIGHT`` > 0, training only): the dense
         supervision of the encoder tokens, through ``query_selection``'s token heads or, without
@@ -128,10 +124,6 @@ class ISDA(nn.Module):
         self.dedup_sigma = float(dedup_sigma)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        if cpu_fast_paths:
-            from ..cpu_fast_paths import convert_to_cpu_fast_paths  # the one place they live
-
-            convert_to_cpu_fast_paths(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -189,7 +181,6 @@ class ISDA(nn.Module):
             "max_mask_bytes": c.TEST.get("MAX_MASK_BYTES", MAX_MASK_BYTES),
             "dedup": c.TEST.DEDUP, "dedup_iou": c.TEST.DEDUP_IOU,
             "dedup_sigma": c.TEST.DEDUP_SIGMA,
-            "cpu_fast_paths": cfg.MODEL.CPU_FAST_PATHS and cfg.MODEL.DEVICE == "cpu",
             "query_selection": query_selection,
         }
 

@@ -1,5 +1,5 @@
 // Multi-scale deformable attention: declarations of the CPU / CUDA implementations and the
-// device dispatch used by the Python bindings.
+// device dispatch used by the operator registrations (bindings.cpp).
 //
 //   value              [N, S, M, D]          float32/float64 (float16/bfloat16 computed in float32)
 //   spatial_shapes     [L, 2]  int64 (H, W)
@@ -8,7 +8,7 @@
 //   attention_weights  [N, Lq, M, L, P]
 //   output             [N, Lq, M * D]
 // The CPU forward also takes bfloat16 values with float32 locations and weights (output float32),
-// read without a float copy (bindings: forward_reads_bf16_value).
+// read without a float copy.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -131,7 +131,7 @@ inline at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tens
 }
 
 // Backward with device dispatch; returns {grad_value, grad_sampling_locations,
-// grad_attention_weights} in the dtype of the inputs.
+// grad_attention_weights}, each in the dtype of its input.
 inline std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value,
                                                        const at::Tensor& spatial_shapes,
                                                        const at::Tensor& level_start_index,
@@ -161,7 +161,9 @@ inline std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value,
     TORCH_CHECK(value.is_cpu(), "unsupported device ", value.device());
     grads = ms_deform_attn_backward_cpu(v, shapes, starts, loc, attn, go);
   }
-  for (at::Tensor& g : grads) g = g.to(value.scalar_type());
+  grads[0] = grads[0].to(value.scalar_type());
+  grads[1] = grads[1].to(sampling_locations.scalar_type());
+  grads[2] = grads[2].to(attention_weights.scalar_type());
   return grads;
 }
 
