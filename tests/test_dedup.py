@@ -211,3 +211,17 @@ def test_exported_predictor_follows_the_sidecar_dedup(tmp_path):
     meta.pop("dedup")  # an export made before the key: no duplicate removal
     write_sidecar(meta, str(tmp_path))
     assert len(Fixed(str(tmp_path))(np.zeros((96, 128, 3), np.uint8))["instances"]) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_result():
+    g = torch.Generator().manual_seed(1)
+    binary = torch.rand(40, 30, 45, generator=g) > 0.7
+    binary[:, :, :20] = False  # blocks without masks
+    scores = torch.rand(40, generator=g).sort(descending=True).values
+    classes = torch.randint(0, 2, (40,), generator=g)
+    for method in ("mask_nms", "matrix_nms"):
+        cpu = dedup_sorted(scores, classes, binary, method, 0.3)
+        dev = dedup_sorted(scores.cuda(), classes.cuda(), binary.cuda(), method, 0.3)
+        assert torch.equal(cpu[0], dev[0].cpu())
+        assert torch.allclose(cpu[1], dev[1].cpu(), atol=1e-6)
