@@ -14,6 +14,7 @@ from pycocotools import mask as mask_util
 
 import isda  # noqa: F401
 from isda import add_isda_config
+from isda.data import instance_masks
 from isda.data.dataset_mapper import BadSampleError, ISDADatasetMapper
 from isda.data.mask_cache import MaskCache
 from isda.data.mask_index_map import pil_nearest_indices
@@ -41,16 +42,28 @@ def paper_crop_cfg(**opts):
 
 
 def assert_same_outputs(cfg, record, seeds, **mapper_kw):
-    """Both routes under the same seeds: identical outputs; returns the instance counts."""
+    """Both routes under the same seeds: identical outputs; returns the instance counts. RLE
+    masks must take the one-gather route (an index map, not the per-mask fallback)."""
     new = ISDADatasetMapper(cfg, is_train=True, **mapper_kw)
     ref = PerInstanceMapper(cfg, is_train=True)
     before = copy.deepcopy(record)
-    counts = []
+    counts, maps = [], []
+
+    def recording(*args):
+        maps.append(compose(*args))
+        return maps[-1]
+
+    compose = instance_masks.mask_index_map
     for seed in seeds:
         np.random.seed(seed)
         want = ref(record)
         np.random.seed(seed)
-        got = new(record)
+        instance_masks.mask_index_map = recording
+        try:
+            got = new(record)
+        finally:
+            instance_masks.mask_index_map = compose
+        assert None not in maps, "the RLE masks fell back to the per-mask route"
         assert set(got) == set(want) and "annotations" not in got
         assert torch.equal(got["image"], want["image"])
         g, w = got["instances"], want["instances"]
