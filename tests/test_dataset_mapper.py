@@ -218,3 +218,23 @@ def test_missing_module_is_not_bad_data(monkeypatch):
                                    policy=policy)
         with pytest.raises(ImportError, match="shapely"):
             dataset[(0, 0)]
+
+
+def test_training_reads_a_float_tiff_in_0_1_as_the_demo_does(tmp_path):
+    """Training read images with its own copy of the reader, which turned a float32 TIFF holding
+    0..1 into a black image while the demo (isda.data.image_io) scaled it: one reader now."""
+    from PIL import Image
+
+    values = np.linspace(0, 1, 24 * 32, dtype=np.float32).reshape(24, 32)
+    path = tmp_path / "float.tif"
+    Image.fromarray(values, "F").save(path)
+    record = {"file_name": str(path), "height": 24, "width": 32, "image_id": 0,
+              "annotations": [{"bbox": [4, 4, 8, 8], "bbox_mode": BoxMode.XYWH_ABS,
+                               "category_id": 0, "iscrowd": 0,
+                               "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]}]}
+    cfg = no_aug_cfg()
+    cfg.INPUT.MIN_SIZE_TRAIN = (24,)
+    cfg.INPUT.FORMAT = "RGB"
+    image = ISDADatasetMapper(cfg, is_train=True)(record)["image"]
+    expected = torch.from_numpy(np.rint(values.astype(np.float64) * 255).astype(np.uint8))
+    assert torch.equal(image[0], expected)

@@ -35,6 +35,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from .image_io import read_image  # the one reader of training, evaluation, demo, export
 from .instance_masks import rasterise_polygons, transform_polygons, transform_rles
 from .mask_cache import MaskCache
 from .transforms import build_isda_augmentation
@@ -63,23 +64,6 @@ def _shapely_errors() -> tuple:
 MIN_IMAGE_SIDE = 4
 IMAGE_DATA_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 ANNOTATION_DATA_ERRORS = (ValueError, IndexError, OverflowError) + _shapely_errors()
-
-
-def read_image(file_name: str, format: str) -> np.ndarray:
-    """Detectron2's ``read_image`` (EXIF orientation, conversion to ``format``), except that
-    16-bit and 32-bit integer / float images are scaled to 8 bits rather than clipped at 255."""
-    with open(file_name, "rb") as f:
-        image = Image.open(f)
-        image.load()
-    image = utils._apply_exif_orientation(image)
-    if image.mode.startswith("I") or image.mode == "F":
-        a = np.asarray(image, dtype=np.float64)
-        # 16-bit data (PNG "I;16", or "I" holding values up to 65535): full range -> 0..255
-        scale = 257.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8), "L")
-    array = utils.convert_PIL_to_numpy(image, format)
-    # PIL's buffer is read-only: a writable copy, else torch warns in every resize of fvcore
-    return array if array.flags.writeable else array.copy()
 
 
 def _ann_name(ann: dict, index: Optional[int] = None) -> str:
