@@ -1,5 +1,5 @@
 """Fixtures shared by the test files. Helpers (configs, synthetic inputs) are plain functions in
-``test_model_helpers.py``; ``pytest.ini``'s ``pythonpath`` makes it, ``train_net`` and the tools
+``isda_helpers.py``; ``pytest.ini``'s ``pythonpath`` makes it, ``train_net`` and the tools
 importable by name."""
 import shutil
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: ISDA's GPU checks (docs/gpu.md). Prints the GPUs and torch's CUDA set-up,
 # builds isda._C with its CUDA kernels when the installed one lacks them, runs
-# `pytest -m gpu tests/test_gpu.py` and ends with one line:
+# `pytest -m gpu tests/ops/test_gpu.py` and ends with one line:
 #   gpu-check: N passed, N failed, N skipped
 # Without a usable GPU the tests skip ("needs a CUDA GPU"), the reason is printed, exit 0.
 # About a minute on one GPU plus, the first time, a few minutes for the CUDA build.
@@ -49,13 +49,13 @@ if [ "$cuda" = 1 ]; then
   fi
 else
   say "no usable CUDA GPU (torch.cuda.is_available() is False): the CUDA tests skip" \
-      "with reason 'needs a CUDA GPU'; only the GPU-free checks of tests/test_gpu.py run"
+      "with reason 'needs a CUDA GPU'; only the GPU-free checks of tests/ops/test_gpu.py run"
 fi
 
 xml=$(mktemp -t isda_gpu_check.XXXXXX.xml)
 trap 'rm -f "$xml"' EXIT
 # a stuck NCCL rendezvous or kernel must not hang the check forever
-timeout "${ISDA_GPU_CHECK_TIMEOUT:-900}" "$PY" -m pytest -m gpu tests/test_gpu.py \
+timeout "${ISDA_GPU_CHECK_TIMEOUT:-900}" "$PY" -m pytest -m gpu tests/ops/test_gpu.py \
   --junitxml="$xml" "$@"
 rc=$?
 [ "$rc" = 124 ] && say "pytest timed out after ${ISDA_GPU_CHECK_TIMEOUT:-900} s"
