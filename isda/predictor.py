@@ -15,7 +15,7 @@ nothing is converted silently:
 - empty images (``H == 0`` or ``W == 0``) are refused.
 
 The smallest size is 1x1: the model pads its input to a multiple of 32, so 1x1, 1xN and 2x2
-images run (finite scores, masks of the image size; ``tests/test_predictor_inputs.py``). When
+images run (finite scores, masks of the image size; ``tests/engine/test_predictor_inputs.py``). When
 ``INPUT.MIN_SIZE_TEST`` resizes the image and ``INPUT.MAX_SIZE_TEST`` caps the long side, a very
 elongated image (e.g. 1x1000 with 128 / 192) would round its short side to 0 pixels; it is kept
 at 1 pixel instead.

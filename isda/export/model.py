@@ -33,7 +33,7 @@ Differences from the normal forward, none of which changes the function computed
 * the backbone input stays in the contiguous layout (the CPU model uses channels-last);
 * the top-k is sorted (the normal forward's is not; the post-processing sorts anyway).
 
-Results agree with the normal model to float rounding (``tests/test_export.py``).
+Results agree with the normal model to float rounding (``tests/export/test_export.py``).
 """
 import copy
 

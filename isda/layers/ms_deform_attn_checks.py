@@ -4,7 +4,7 @@ Every call checks the inputs' types, dtypes, devices and shapes (tensor metadata
 device). The checks that need the *values* of ``spatial_shapes`` and ``level_start_index``
 (non-negative sizes summing to S, starts equal to the exclusive cumsum) run on CPU tensors only:
 on the GPU they would copy to the host and synchronise every call, so the compiled CUDA path
-makes no device-to-host copy (checked by ``tests/test_gpu.py``), nor do traced calls
+makes no device-to-host copy (checked by ``tests/ops/test_gpu.py``), nor do traced calls
 (``torch.compile``, ``torch.export``). Wrong level metadata on the GPU
 makes the kernels read out of bounds: to debug, turn the value checks on for every device with
 ``ISDA_MSDA_VALIDATE=1`` or :class:`set_validation`.
