@@ -26,10 +26,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def cpu_description() -> dict:
-    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in open("/proc/cpuinfo")
-                                              if ":" in line)}
-    model, flags = info.get("model name", "unknown"), set(info.get("flags", "").split())
-    return {"cpu": model, "cpu_count": os.cpu_count(),
+    info = dict(map(str.strip, line.split(":", 1)) for line in open("/proc/cpuinfo") if ":" in line)
+    flags = set(info.get("flags", "").split())
+    return {"cpu": info.get("model name", "unknown"), "cpu_count": os.cpu_count(),
             "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]}
 
 
@@ -93,8 +92,7 @@ def time_case(cfg, records, calls: int, repeats: int, **new_kw) -> dict:
 
 
 def data_time_share(iters: int) -> dict:
-    """Train the main job's config for ``iters`` iterations; data_time / time of its last
-    metrics.json record (Detectron2's medians over the last 20 iterations)."""
+    """data_time / time of the main job's last metrics.json record after ``iters`` iterations."""
     with tempfile.TemporaryDirectory(prefix="isda_data_pipeline_") as out:
         cmd = [sys.executable, "train_net.py", "--config-file",
                "configs/nuclei/isda_R18_nuclei.yaml", "SOLVER.MAX_ITER", str(iters),

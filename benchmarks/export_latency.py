@@ -80,9 +80,9 @@ def main(argv=None):
             return outputs_to_instances(*run_graph(), (h, w), (h, w), pred.mask_stride,
                                         pred.mask_threshold)
 
-        a, b = run_pytorch(), run_onnxruntime()
-        report["instances"] = [len(a), len(b)]
-        report["max_score_diff"] = float((a.scores - b.scores).abs().max())
+        a, b = run_pytorch(), run_onnxruntime()  # the same results (random weights, real photo)
+        report.update(instances=[len(a), len(b)],
+                      max_score_diff=float((a.scores - b.scores).abs().max()))
         times = medians_ms({"pytorch": run_pytorch, "onnxruntime": run_onnxruntime,
                             "onnxruntime_graph": run_graph}, args.repeats)
     for name, ms in times.items():

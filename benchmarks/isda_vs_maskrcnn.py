@@ -5,7 +5,7 @@ ISDA in bf16), training step time, peak memory (fresh processes), parameters, FL
 
     python benchmarks/isda_vs_maskrcnn.py --no-flops         # full run, 800x1216
     python benchmarks/isda_vs_maskrcnn.py --quick            # smoke test, 512x768
-    python benchmarks/isda_vs_maskrcnn.py --sizes 480x736 640x960 --plot docs/latency_vs_size.png
+    python benchmarks/isda_vs_maskrcnn.py --size 480x736 --no-flops   # another input size
     python benchmarks/isda_vs_maskrcnn.py --profile          # ISDA: top operators, stage times
 
 Timings alternate the models; ratios are of medians, spreads min-max over the repeats. The last
@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's isda
+sys.path.insert(0, str(ROOT))  # this checkout's isda, imported before Detectron2 (its warnings)
+from isda import add_isda_config  # noqa: E402
+from isda.modeling.meta_arch import ISDA  # noqa: E402
+from isda.solver import build_isda_optimizer  # noqa: E402
 from detectron2 import model_zoo  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import FrozenBatchNorm2d  # noqa: E402
@@ -32,9 +35,6 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_optimizer  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
-from isda import add_isda_config  # noqa: E402
-from isda.modeling.meta_arch import ISDA  # noqa: E402
-from isda.solver import build_isda_optimizer  # noqa: E402
 
 MODELS = ("isda", "maskrcnn")
 #: passes per memory process (the peak RSS grows over the first three with heap fragmentation)
@@ -55,8 +55,7 @@ def parse_size(s):
 
 
 def time_rounds(fns, repeats, warmup=1):
-    """Run each of ``fns`` ({name: callable}) ``warmup + repeats`` times, the order reversed
-    every other round -> {name: [seconds per timed round]}."""
+    """{name: callable}, the order reversed every other round -> {name: [seconds per round]}."""
     names, times = list(fns), {n: [] for n in fns}
     for i in range(warmup + repeats):
         for n in (names if i % 2 == 0 else names[::-1]):
@@ -117,10 +116,13 @@ def isda_cfg(path, opts=()):
 
 
 def build(name, seed=0, isda_opts=()):
-    """-> (model in eval mode, the optimizer its own trainer would use)."""
+    """-> (model in eval mode, the optimizer its own trainer would use). ``name``: "isda"
+    (ISDA-R50), "maskrcnn" or "main" (the main job's ISDA, FrozenBN left as built)."""
     if name == "isda":
         cfg = isda_cfg("configs/Base-ISDA.yaml",
                        ["MODEL.ISDA.NUM_CLASSES", 80, "MODEL.ISDA.TEST.TOPK", 100, *isda_opts])
+    elif name == "main":
+        cfg = isda_cfg("configs/nuclei/isda_R18_nuclei.yaml", isda_opts)
     else:
         cfg = get_cfg()
         cfg.merge_from_file(model_zoo.get_config_file(
@@ -130,8 +132,9 @@ def build(name, seed=0, isda_opts=()):
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
-    calibrate_frozen_bn(model)
-    return model, (build_isda_optimizer if name == "isda" else build_optimizer)(cfg, model)
+    if name != "main":
+        calibrate_frozen_bn(model)
+    return model, (build_optimizer if name == "maskrcnn" else build_isda_optimizer)(cfg, model)
 
 
 def calibrate_frozen_bn(model, seed=1):
@@ -193,8 +196,7 @@ def train_step(model, opt, batch):
 
 
 def memory_worker(name, mode, h, w, isda_opts):
-    """In a fresh process: peak RSS (MB) added by MEMORY_PASSES passes. "isda_bf16": ISDA with
-    TEST.PRECISION bf16."""
+    """Peak RSS (MB) added by MEMORY_PASSES passes ("isda_bf16": TEST.PRECISION bf16)."""
     model, opt = build("isda" if name == "isda_bf16" else name, isda_opts=isda_opts)
     if name == "isda_bf16":
         model.test_precision = "bf16"
@@ -240,7 +242,6 @@ def count_flops(model, sample):
     import warnings
 
     from fvcore.nn import FlopCountAnalysis
-
     from isda.layers import flop_count_handles
 
     flops = FlopCountAnalysis(_Traceable(model, *sample["image"].shape[1:]), (sample["image"],))
@@ -256,8 +257,7 @@ def run_profile(h, w, repeats, isda_opts):
     CPU time, and the forward wall time of the top-level modules (hooks)."""
     from torch.profiler import ProfilerActivity, profile
 
-    model, opt = build("isda", isda_opts=isda_opts)
-    sample = make_input(h, w)
+    (model, opt), sample = build("isda", isda_opts=isda_opts), make_input(h, w)
     report = {"size": [h, w], "threads": torch.get_num_threads(), "repeats": repeats}
     stages, t = {}, {}
     for s in STAGES:
@@ -288,27 +288,6 @@ def run_profile(h, w, repeats, isda_opts):
     return report
 
 
-def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    px = [r["size"][0] * r["size"][1] / 1e6 for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, label in (("isda", "ISDA R50"), ("maskrcnn", "Mask R-CNN R50-FPN")):
-        ax.plot(px, [r[f"{m}_ms"] for r in rows], "o-", label=label)
-    for x, r in zip(px, rows):
-        ax.annotate("x".join(map(str, r["size"])), (x, r["isda_ms"]), textcoords="offset points",
-                    xytext=(0, 8), ha="center", fontsize=7)
-    ax.set(xlabel="input size (megapixels)", ylabel="inference latency per image (ms, median)",
-           title="CPU inference, 100 instances per image")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 512x768, few repeats")
@@ -318,8 +297,6 @@ def main(argv=None):
                    help="timed inference repeats per model (default: 3 quick, 10 full)")
     p.add_argument("--train-repeats", type=int, default=None,
                    help="timed training steps per model (default: 2 quick, 6 full)")
-    p.add_argument("--sizes", nargs="+", default=None, help="latency vs input size, e.g. 480x736")
-    p.add_argument("--plot", default=None, help="PNG path for the latency-vs-size plot")
     p.add_argument("--no-flops", action="store_true", help="skip the (slow) fvcore tracing")
     p.add_argument("--memory-repeats", type=int, default=None,
                    help="fresh processes per memory figure (default: 1 quick, 3 full)")
@@ -351,15 +328,6 @@ def main(argv=None):
               "cpu_bf16_fast": cpu_bf16_is_fast(), "isda_opts": args.isda_opts,
               "infer_repeats": repeats, "train_repeats": train_repeats,
               "memory_repeats": memory_repeats, "spreads": "min-max over the repeats"}
-    rows = []
-    for size in args.sizes or []:
-        if parse_size(size) != (h, w):
-            s = make_input(*parse_size(size))
-            med = medians_ms({m: lambda m=m: infer(models[m][0], s) for m in MODELS}, 3)
-            rows.append({"size": list(parse_size(size)),
-                         **{f"{m}_ms": round(v, 1) for m, v in med.items()}})
-            print(f"  {size}: " + "  ".join(f"{m} {v:.0f} ms" for m, v in med.items()), flush=True)
-
     sample = make_input(h, w)
     isda_model = models["isda"][0]  # bf16: the same model, TEST.PRECISION switched per call
 
@@ -378,13 +346,8 @@ def main(argv=None):
         report[f"{m}_train_ms"] = round(statistics.median(tr[m]) * 1e3, 1)
         report[f"{m}_params_m"] = round(sum(p.numel() for p in models[m][0].parameters()) / 1e6, 2)
     del models, isda_model
-    if rows:  # the main size joins the curve with its (more repeated) medians
-        rows.append({"size": [h, w], **{f"{m}_ms": report[f"{m}_infer_ms"] for m in MODELS}})
-        report["latency_vs_size"] = sorted(rows, key=lambda r: r["size"])
-        if args.plot:
-            plot(report["latency_vs_size"], args.plot)
     print(f"memory (fresh subprocesses, {memory_repeats} repeats)", flush=True)
-    runs = [(m, mode) for mode in ("infer", "train") for m in names if mode == "infer" or m in MODELS]
+    runs = [(m, "infer") for m in names] + [(m, "train") for m in MODELS]
     peaks = memory_figures(report, runs, h, w, args.threads, memory_repeats, args.isda_opts)
     if not args.no_flops:
         print("FLOPs (fvcore)", flush=True)

@@ -81,8 +81,8 @@ def build_cfg(spec, max_iter, seed):
 
 
 def train(model_name, cfg, iters, skip=0):
-    """``iters`` iterations as Detectron2's SimpleTrainer runs them, on seeded shuffles of the
-    data through ISDA's mapper -> (model, CPU seconds after the first ``skip``)."""
+    """``iters`` SimpleTrainer iterations on seeded shuffles through ISDA's mapper
+    -> (model, CPU seconds after the first ``skip``)."""
     import torch
     from detectron2.data import DatasetCatalog
     from detectron2.engine import DefaultTrainer
@@ -122,9 +122,8 @@ def train(model_name, cfg, iters, skip=0):
 
 
 def evaluate(cfg, model):
-    """COCOEvaluator mask AP on DATASETS.TEST[0] and the duplicate counts of the same detections
-    above the demo's score threshold -> AP, AP50, AP75, recall50, tp, duplicates, background,
-    duplicates_per_tp."""
+    """COCOEvaluator mask AP on DATASETS.TEST[0] and the duplicate counts of the detections
+    above the demo's score threshold (isda.evaluation.count_duplicates)."""
     import contextlib
     import io
 
@@ -211,8 +210,8 @@ def run_cached(spec, results_dir, cached_only=False):
 
 
 def next_pass_iters(iters, used_min, budget_min, tolerance):
-    """MAX_ITER for another pass of a cell whose runs took ``used_min`` CPU-minutes (mean over
-    seeds) at ``iters`` iterations; None when within ``tolerance`` of the budget."""
+    """MAX_ITER for another pass of a cell whose runs took ``used_min`` CPU-minutes at
+    ``iters`` iterations (its own CPU time; None: within ``tolerance`` of the budget)."""
     if abs(used_min / budget_min - 1) <= tolerance:
         return None
     return max(10, round(iters * budget_min / used_min))
@@ -225,6 +224,7 @@ def summarise(rows, key):
 
 
 def plot(table, path):
+    """Mask AP and AP50 against CPU-minutes, one row of panels per dataset."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,18 +232,15 @@ def plot(table, path):
 
     datasets = sorted({t["dataset"] for t in table})
     fig, axes = plt.subplots(len(datasets), 2, figsize=(9, 3.4 * len(datasets)), squeeze=False)
-    for row, dataset in zip(axes, datasets):
-        for ax, metric in zip(row, ("AP", "AP50")):
-            for label in sorted({t["label"] for t in table if t["dataset"] == dataset}):
-                pts = sorted((t for t in table if t["dataset"] == dataset and t["label"] == label),
-                             key=lambda t: t["budget_min"])
-                ax.errorbar([t["cpu_min"] for t in pts], [t[metric] for t in pts],
-                            yerr=[t[metric + "_sd"] for t in pts], marker="o", capsize=3,
-                            label=label)
-            ax.set(xlabel="training CPU-minutes (one thread)", ylabel=f"mask {metric}",
-                   title=f"{dataset}: mask {metric} (mean +- sd over seeds)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+    for (ax, metric), d in [(a, d) for row, d in zip(axes, datasets) for a in zip(row, METRICS)]:
+        for label in sorted({t["label"] for t in table if t["dataset"] == d}):
+            pts = [t for t in table if (t["dataset"], t["label"]) == (d, label)]  # by budget
+            ax.errorbar([t["cpu_min"] for t in pts], [t[metric] for t in pts], marker="o",
+                        yerr=[t[metric + "_sd"] for t in pts], capsize=3, label=label)
+        ax.set(xlabel="training CPU-minutes (one thread)", ylabel=f"mask {metric}",
+               title=f"{d}: mask {metric} (mean +- sd over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -288,9 +285,8 @@ def main(argv=None):
     budgets = sorted((float(b) for b in args.budgets.split(",")), reverse=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets, models = args.datasets.split(","), args.models.split(",")
-    for d in datasets:
-        if d not in DATASETS:
-            p.error(f"--datasets: unknown dataset {d!r} (of {sorted(DATASETS)})")
+    if set(datasets) - set(DATASETS):
+        p.error(f"--datasets: {sorted(set(datasets) - set(DATASETS))} not in {sorted(DATASETS)}")
     eval_dedup = [m for m in args.eval_dedup.split(",") if m]
     label = {"isda": args.label or "ISDA", "maskrcnn": "Mask R-CNN"}
     label.update({f"isda+{m}": f"{label['isda']} +{m}" for m in eval_dedup})

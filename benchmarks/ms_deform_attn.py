@@ -31,13 +31,11 @@ def make_inputs(shape: str, batch: int, requires_grad: bool, seed: int = 0):
     sizes = shapes[:, 0] * shapes[:, 1]
     starts = torch.cumsum(sizes, 0) - sizes
     S, L = int(sizes.sum()), len(LEVELS)
-    if shape == "encoder":
-        refs = []
-        for H, W in LEVELS:
-            ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W,
-                                    indexing="ij")
-            refs.append(torch.stack([xs, ys], -1).reshape(-1, 2))
-        ref = torch.cat(refs).expand(batch, S, 2)
+    if shape == "encoder":  # reference point: the query's own pixel centre
+        grids = [torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W,
+                                indexing="ij") for H, W in LEVELS]
+        ref = torch.cat([torch.stack([x, y], -1).reshape(-1, 2) for y, x in grids])
+        ref = ref.expand(batch, S, 2)
     else:
         ref = torch.rand(batch, 300, 2, generator=g)
     Lq = ref.shape[1]
@@ -76,11 +74,6 @@ def memory_worker(shape: str, batch: int, impl: str, backward: bool) -> None:
 def measure_memory(*key) -> float:
     """(shape, batch, impl, backward) in a fresh process -> peak MB."""
     return fresh_process([__file__, "--memory-worker", json.dumps(key)])["peak_mb"]
-
-
-def _num(x: float, digits: int):
-    """Rounded number, or None (JSON null) when not measured."""
-    return None if x != x else round(x, digits)
 
 
 def main() -> None:
@@ -135,13 +128,16 @@ def main() -> None:
               f"{c['fwd_peak_mb'] / max(r['fwd_peak_mb'], 1e-3):.3f} | "
               f"{c['fwdbwd_peak_mb'] / max(r['fwdbwd_peak_mb'], 1e-3):.3f} |")
     c, r = rows[0][2]["compiled"], rows[0][2]["reference"]
+    def num(x, digits):  # rounded, or None (JSON null) when not measured (NaN)
+        return None if x != x else round(x, digits)
+
     summary = {"shape": "encoder", "batch": 1, "threads": torch.get_num_threads(),
                "repeats": repeats, "fwd_speedup": round(r["fwd_ms"] / c["fwd_ms"], 2),
                "bwd_speedup": round(r["fwdbwd_ms"] / c["fwdbwd_ms"], 2),
-               "peak_mem_ratio": _num(c["fwdbwd_peak_mb"] / max(r["fwdbwd_peak_mb"], 1e-3), 4),
-               "fwd_peak_mem_ratio": _num(c["fwd_peak_mb"] / max(r["fwd_peak_mb"], 1e-3), 4)}
+               "peak_mem_ratio": num(c["fwdbwd_peak_mb"] / max(r["fwdbwd_peak_mb"], 1e-3), 4),
+               "fwd_peak_mem_ratio": num(c["fwd_peak_mb"] / max(r["fwd_peak_mb"], 1e-3), 4)}
     for impl, v in (("compiled", c), ("reference", r)):
-        summary.update({f"{impl}_{k}": _num(v[k], 2 if k.endswith("ms") else 1) for k in v})
+        summary.update({f"{impl}_{k}": num(v[k], 2 if k.endswith("ms") else 1) for k in v})
     print(json.dumps(summary))
 
 

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 
-from isda_vs_maskrcnn import (build, in_processes, isda_cfg, make_input, medians_ms, parse_size,
+from isda_vs_maskrcnn import (build, in_processes, make_input, medians_ms, parse_size,
                               peak_mb, set_threads, train_step)
 
 LIB = "/usr/lib/x86_64-linux-gnu"
@@ -35,21 +35,12 @@ def step(args, isda_opts):
     """-> (model, one training step or inference of ``args.mode`` as a callable)."""
     import torch
 
-    if args.model == "main":
-        from detectron2.modeling import build_model
-
-        from isda.solver import build_isda_optimizer
-
-        torch.manual_seed(0)
-        cfg = isda_cfg("configs/nuclei/isda_R18_nuclei.yaml", ["MODEL.DEVICE", "cpu", *isda_opts])
-        model = build_model(cfg).eval()
-        opt = build_isda_optimizer(cfg, model)
+    model, opt = build({"r50": "isda"}.get(args.model, args.model), isda_opts=isda_opts)
+    batch = [make_input(*args.size)]
+    if args.model == "main":  # batch 8 at 176x176, one class
         batch = [make_input(176, 176, seed=i, num_objects=12) for i in range(8)]
         for b in batch:
             b["instances"].gt_classes.zero_()
-    else:
-        model, opt = build("isda" if args.model == "r50" else "maskrcnn", isda_opts=isda_opts)
-        batch = [make_input(*args.size)]
     if args.mode == "train":
         return model, lambda: train_step(model, opt, batch)
 
@@ -59,20 +50,15 @@ def step(args, isda_opts):
     return model, run
 
 
-def median_ms(fn, steps):
-    return medians_ms({"": fn}, steps)[""]
-
-
 def worker(args):
     """One measurement in this fresh process -> JSON line."""
     _, fn, ms = *step(args, args.isda_opts), []
-    peak = peak_mb(lambda: ms.append(median_ms(fn, args.steps)))  # the build does not count
+    peak = peak_mb(lambda: ms.append(medians_ms({"": fn}, args.steps)[""]))  # (not the build)
     print(json.dumps({"ms": round(ms[0], 1), "peak_mb": peak}))
 
 
 def side_by_side(args, variants):
-    """variants: {label: (model, mode, env, isda_opts)}, in fresh processes
-    -> {label: {"ms": median, "peak_mb": median}}."""
+    """{label: (model, mode, env, isda_opts)} -> {label: {"ms": median, "peak_mb": median}}."""
     runs = in_processes({k: ([__file__, "_worker", "--model", model, "--mode", mode, "--size",
                               "x".join(map(str, args.size)), "--steps", args.steps, "--threads",
                               args.threads, "--isda-opts", *opts], env)
@@ -86,16 +72,15 @@ def run_compile(args, report):
     import torch
 
     model, fn = step(args, args.isda_opts)
-    report["eager_ms"] = round(median_ms(fn, args.steps), 1)
-    print(f"  eager {report['eager_ms']} ms", flush=True)
+    report["eager_ms"] = round(medians_ms({"": fn}, args.steps)[""], 1)
     for part in PARTS:
         setattr(model, part, torch.compile(getattr(model, part)))
         t0 = time.perf_counter()
         fn()  # compiles
         report[f"compile_s_{part}"] = round(time.perf_counter() - t0, 1)
-        report[f"compiled_upto_{part}_ms"] = round(median_ms(fn, args.steps), 1)
-        print(f"  + {part}: compile {report[f'compile_s_{part}']} s, "
-              f"{report[f'compiled_upto_{part}_ms']} ms", flush=True)
+        report[f"compiled_upto_{part}_ms"] = round(medians_ms({"": fn}, args.steps)[""], 1)
+        print(f"  eager {report['eager_ms']} ms, + {part}: compile {report[f'compile_s_{part}']}"
+              f" s, {report[f'compiled_upto_{part}_ms']} ms", flush=True)
     report["compiled_ratio"] = round(report["compiled_upto_backbone_ms"] / report["eager_ms"], 3)
     report["compile_s_total"] = round(sum(report[f"compile_s_{p}"] for p in PARTS), 1)
 
