@@ -1,25 +1,13 @@
 #!/usr/bin/env python
-"""The training data pipeline: ISDA's dataset mapper against the previous per-instance route
-(Detectron2's ``transform_instance_annotations`` on each instance,
-``tests/per_instance_mapper.py``),
-side by side on the same records and seeds, and the ``data_time`` share of a short training run.
+"""The training data pipeline: ISDA's dataset mapper against the per-instance route
+(tests/per_instance_mapper.py) on the same records and seeds, and the main job's data_time share.
 
-    python benchmarks/data_pipeline.py [--calls 24] [--repeats 5] [--train-iters 30]
+    python benchmarks/data_pipeline.py                       # 24 calls, 5 repeats, 30 iterations
+    python benchmarks/data_pipeline.py --calls 4 --repeats 1 --train-iters 0   # smoke test
 
-Cases (per-sample milliseconds, median over ``--repeats`` passes over ``--calls`` seeds, a
-quarter / half of them for the two slower cases; both routes give identical outputs, checked on
-the first pass, which also fills the mask cache as the first epoch does):
-
-* ``crop``: the main job (configs/nuclei/isda_R18_nuclei.yaml) on ``nuclei_train_region``, one
-  512x352 image with 95 RLE nuclei, 128-176 px crops (``crop_cold``: the cache disabled);
-* ``coco_polygons``: 3 VOC photos upscaled to 800x1333 with their polygons, flipped and resized
-  to 800x1333 (the COCO recipe's multi-scale branch at full size);
-* ``many_instances``: a synthetic 600x800 image with 300 instances (2/3 RLE, 1/3 polygons),
-  the DETR crop branch with both flips and the transpose, output 160-400 px.
-
-``--train-iters N`` (0: skip) trains the main job's config for N iterations and reports
-``data_time / time`` from Detectron2's metrics.json (the median of the last 20 iterations).
-Timings use one torch thread (the mapper's own setting in a loader worker). Last line: JSON.
+Cases (per-sample ms, outputs checked equal): ``crop`` the main job's crops (``crop_cold``:
+no mask cache), ``coco_polygons`` VOC photos at 800x1333, ``many_instances`` 300 instances with
+DETR-style crops. One torch thread. The last stdout line is one JSON object.
 """
 import argparse
 import copy
@@ -32,35 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from isda_vs_maskrcnn import ROOT, isda_cfg as make_cfg
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 
 def cpu_description() -> dict:
-    model, flags = "unknown", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "cpu_count": os.cpu_count(),
+    info = dict(map(str.strip, line.split(":", 1)) for line in open("/proc/cpuinfo") if ":" in line)
+    flags = set(info.get("flags", "").split())
+    return {"cpu": info.get("model name", "unknown"), "cpu_count": os.cpu_count(),
             "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]}
-
-
-def make_cfg(path, opts=()):
-    from detectron2.config import get_cfg
-
-    from isda import add_isda_config
-
-    cfg = get_cfg()
-    add_isda_config(cfg)
-    cfg.merge_from_file(str(ROOT / path))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def upscaled_voc(folder: Path, hw=(800, 1333)):
@@ -84,18 +53,10 @@ def upscaled_voc(folder: Path, hw=(800, 1333)):
     return records
 
 
-def same_outputs(a: dict, b: dict) -> bool:
-    import torch
-
-    ia, ib = a["instances"], b["instances"]
-    return (torch.equal(a["image"], b["image"]) and torch.equal(ia.gt_classes, ib.gt_classes)
-            and torch.equal(ia.gt_masks.tensor, ib.gt_masks.tensor)
-            and torch.equal(ia.gt_boxes.tensor, ib.gt_boxes.tensor))
-
-
 def time_case(cfg, records, calls: int, repeats: int, **new_kw) -> dict:
     """Per-sample ms of both mappers (alternating passes over the same seeds and records)."""
     import numpy as np
+    import torch
 
     from isda.data.dataset_mapper import ISDADatasetMapper
     from per_instance_mapper import PerInstanceMapper
@@ -103,15 +64,16 @@ def time_case(cfg, records, calls: int, repeats: int, **new_kw) -> dict:
     mappers = {"per_instance": PerInstanceMapper(cfg, is_train=True),
                "isda": ISDADatasetMapper(cfg, is_train=True, **new_kw)}
     jobs = [(seed, records[seed % len(records)]) for seed in range(calls)]
-    outs = {}
+    outs = {name: [] for name in mappers}
     for name, m in mappers.items():  # the first pass: check, and warm the cache
-        outs[name] = []
         for seed, rec in jobs:
             np.random.seed(seed)
-            outs[name].append(m(copy.deepcopy(rec)))
-    if not all(same_outputs(a, b) for a, b in zip(outs["per_instance"], outs["isda"])):
+            o = m(copy.deepcopy(rec))
+            i = o["instances"]
+            outs[name].append([o["image"], i.gt_classes, i.gt_masks.tensor, i.gt_boxes.tensor])
+    if not all(torch.equal(x, y) for a, b in zip(*outs.values()) for x, y in zip(a, b)):
         raise SystemExit("the two mappers' outputs differ")
-    instances = statistics.mean(len(o["instances"]) for o in outs["isda"])
+    instances = statistics.mean(len(o[1]) for o in outs["isda"])
     del outs
     times = {n: [] for n in mappers}
     for r in range(repeats):
@@ -130,26 +92,26 @@ def time_case(cfg, records, calls: int, repeats: int, **new_kw) -> dict:
 
 
 def data_time_share(iters: int) -> dict:
-    """Train the main job's config for ``iters`` iterations; data_time / time of its last
-    metrics.json record (Detectron2's medians over the last 20 iterations)."""
+    """data_time / time of the main job's last metrics.json record after ``iters`` iterations."""
     with tempfile.TemporaryDirectory(prefix="isda_data_pipeline_") as out:
         cmd = [sys.executable, "train_net.py", "--config-file",
                "configs/nuclei/isda_R18_nuclei.yaml", "SOLVER.MAX_ITER", str(iters),
                "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "OUTPUT_DIR", out]
-        t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        t0, proc = time.time(), subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         records = [json.loads(line) for line in open(Path(out) / "metrics.json")
                    if line.strip().startswith("{")]
         last = [r for r in records if "data_time" in r and "time" in r][-1]
+    print(f"training {iters} iterations: {last['time']:.3f} s per iteration, data_time "
+          f"{last['data_time']:.4f} s", flush=True)
     return {"train_iters": iters, "train_wall_s": round(time.time() - t0, 1),
             "iteration_s": round(last["time"], 3), "data_time_s": round(last["data_time"], 4),
             "data_time_share": round(last["data_time"] / last["time"], 4)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--calls", type=int, default=24, help="samples (seeds) per pass")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per mapper")
     p.add_argument("--train-iters", type=int, default=30,
@@ -157,10 +119,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
+    from detectron2.data import DatasetCatalog
 
     torch.set_num_threads(1)
-    import isda  # noqa: F401 - registers the datasets
-    from detectron2.data import DatasetCatalog
     from many_instances import many_instance_record
 
     report = dict(cpu_description(), torch_threads=1, calls=args.calls, repeats=args.repeats)
@@ -189,14 +150,8 @@ def main(argv=None):
                   f"{r['isda_ms']:7.2f} ms   speedup {r['speedup']:6.2f}x   "
                   f"({r['output_instances']} instances per sample)", flush=True)
             report.update({f"{name}_{k}": v for k, v in r.items()})
-    if args.train_iters > 0:
-        share = data_time_share(args.train_iters)
-        print(f"training {share['train_iters']} iterations: {share['iteration_s']} s per "
-              f"iteration, data_time {share['data_time_s']} s "
-              f"({100 * share['data_time_share']:.1f} %)", flush=True)
-        report.update(share)
-    else:
-        report["data_time_share"] = None
+    report.update(data_time_share(args.train_iters) if args.train_iters > 0
+                  else {"data_time_share": None})
     print(json.dumps(report))
 
 

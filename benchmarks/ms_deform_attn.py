@@ -1,28 +1,22 @@
 #!/usr/bin/env python
-"""Benchmark of multi-scale deformable attention on the CPU: compiled op vs grid_sample reference.
+"""Multi-scale deformable attention on the CPU: the compiled op against the grid_sample reference.
 
-    python benchmarks/ms_deform_attn.py            # full: encoder batch 1 and 2, decoder batch 1 and 2
-    python benchmarks/ms_deform_attn.py --quick    # encoder batch 1, 3 repeats, no fwd-only memory
+    python benchmarks/ms_deform_attn.py            # encoder and decoder shapes, batch 1 and 2
+    python benchmarks/ms_deform_attn.py --quick    # encoder batch 1, 3 repeats (about a minute)
 
-Shapes (Deformable DETR on an 800x1216 image): levels 100x152, 50x76, 25x38, 13x19
-(S = 20197), M = 8 heads, D = 32 channels per head, L = 4 levels, P = 4 points.
-  encoder: Lq = S queries, each sampling around its own pixel (reference point = pixel centre,
-           offsets ~ N(0, 2 px)), as the encoder does;
-  decoder: Lq = 300 queries with random reference points and the same offsets.
-Times are medians of --repeats runs after warm-up, in this process. Peak memory runs every
-(shape, implementation, pass) in its own subprocess: peak RSS (VmHWM) after one pass minus the RSS
-once the inputs are allocated. Prints a markdown table; the last stdout line is one JSON object
-(encoder shape, batch 1): fwd_speedup, bwd_speedup (forward+backward), peak_mem_ratio
-(compiled / reference, forward+backward), the absolute medians and peaks.
+Deformable DETR at 800x1216: levels 100x152 .. 13x19 (S = 20197), 8 heads of 32 channels, 4
+levels, 4 points; encoder: S queries sampling around their own pixels, decoder: 300 queries.
+Times: medians after a warm-up; memory: peak RSS of one pass in a fresh process. Prints a table;
+the last stdout line is one JSON object (encoder shape, batch 1).
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
+
+from isda_vs_maskrcnn import fresh_process, medians_ms, peak_mb
 
 LEVELS = [(100, 152), (50, 76), (25, 38), (13, 19)]
 M, D, P = 8, 32, 4
@@ -37,13 +31,11 @@ def make_inputs(shape: str, batch: int, requires_grad: bool, seed: int = 0):
     sizes = shapes[:, 0] * shapes[:, 1]
     starts = torch.cumsum(sizes, 0) - sizes
     S, L = int(sizes.sum()), len(LEVELS)
-    if shape == "encoder":
-        refs = []
-        for H, W in LEVELS:
-            ys, xs = torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W,
-                                    indexing="ij")
-            refs.append(torch.stack([xs, ys], -1).reshape(-1, 2))
-        ref = torch.cat(refs).expand(batch, S, 2)
+    if shape == "encoder":  # reference point: the query's own pixel centre
+        grids = [torch.meshgrid((torch.arange(H) + 0.5) / H, (torch.arange(W) + 0.5) / W,
+                                indexing="ij") for H, W in LEVELS]
+        ref = torch.cat([torch.stack([x, y], -1).reshape(-1, 2) for y, x in grids])
+        ref = ref.expand(batch, S, 2)
     else:
         ref = torch.rand(batch, 300, 2, generator=g)
     Lq = ref.shape[1]
@@ -71,58 +63,28 @@ def run_once(impl: str, args, backward: bool):
         return out
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def memory_worker(shape: str, batch: int, impl: str, backward: bool) -> None:
     """Subprocess body: print the peak RSS increase (MB) of one pass."""
     import isda.layers.ms_deform_attn  # noqa: F401  (import cost outside the measurement)
 
     args = make_inputs(shape, batch, requires_grad=backward)
-    base = _status_kb("VmRSS")
-    run_once(impl, args, backward)
-    print(json.dumps({"peak_mb": max(0, _status_kb("VmHWM") - base) / 1024.0}))
+    print(json.dumps({"peak_mb": max(0.0, peak_mb(lambda: run_once(impl, args, backward)))}))
 
 
-def measure_memory(shape: str, batch: int, impl: str, backward: bool) -> float:
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker",
-           json.dumps([shape, batch, impl, backward])]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
-
-
-def _num(x: float, digits: int):
-    """Rounded number, or None (JSON null) when not measured."""
-    return None if x != x else round(x, digits)
+def measure_memory(*key) -> float:
+    """(shape, batch, impl, backward) in a fresh process -> peak MB."""
+    return fresh_process([__file__, "--memory-worker", json.dumps(key)])["peak_mb"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="encoder batch 1 only, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (median)")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.memory_worker:
-        shape, batch, impl, backward = json.loads(opts.memory_worker)
-        memory_worker(shape, batch, impl, backward)
-        return
+        return memory_worker(*json.loads(opts.memory_worker))
 
     from isda.layers.ms_deform_attn import compiled_available
 
@@ -139,9 +101,9 @@ def main() -> None:
             bwd_args = make_inputs(shape, batch, requires_grad=True)
             # decoder passes are short: more repeats cost little and steady the median
             reps = repeats if shape == "encoder" else 5 * repeats
-            res[impl] = {
-                "fwd_ms": median_ms(lambda: run_once(impl, fwd_args, False), reps, 1),
-                "fwdbwd_ms": median_ms(lambda: run_once(impl, bwd_args, True), reps, 1),
+            ms = medians_ms({"fwd_ms": lambda: run_once(impl, fwd_args, False),
+                             "fwdbwd_ms": lambda: run_once(impl, bwd_args, True)}, reps)
+            res[impl] = {**ms,
                 "fwd_peak_mb": (float("nan") if opts.quick
                                 else measure_memory(shape, batch, impl, False)),
                 "fwdbwd_peak_mb": measure_memory(shape, batch, impl, True),
@@ -166,20 +128,16 @@ def main() -> None:
               f"{c['fwd_peak_mb'] / max(r['fwd_peak_mb'], 1e-3):.3f} | "
               f"{c['fwdbwd_peak_mb'] / max(r['fwdbwd_peak_mb'], 1e-3):.3f} |")
     c, r = rows[0][2]["compiled"], rows[0][2]["reference"]
-    summary = {
-        "shape": "encoder", "batch": 1, "threads": torch.get_num_threads(), "repeats": repeats,
-        "fwd_speedup": round(r["fwd_ms"] / c["fwd_ms"], 2),
-        "bwd_speedup": round(r["fwdbwd_ms"] / c["fwdbwd_ms"], 2),
-        "peak_mem_ratio": round(c["fwdbwd_peak_mb"] / max(r["fwdbwd_peak_mb"], 1e-3), 4),
-        "fwd_peak_mem_ratio": _num(c["fwd_peak_mb"] / max(r["fwd_peak_mb"], 1e-3), 4),
-        "compiled_fwd_ms": round(c["fwd_ms"], 2), "reference_fwd_ms": round(r["fwd_ms"], 2),
-        "compiled_fwdbwd_ms": round(c["fwdbwd_ms"], 2),
-        "reference_fwdbwd_ms": round(r["fwdbwd_ms"], 2),
-        "compiled_fwdbwd_peak_mb": round(c["fwdbwd_peak_mb"], 1),
-        "reference_fwdbwd_peak_mb": round(r["fwdbwd_peak_mb"], 1),
-        "compiled_fwd_peak_mb": _num(c["fwd_peak_mb"], 1),
-        "reference_fwd_peak_mb": _num(r["fwd_peak_mb"], 1),
-    }
+    def num(x, digits):  # rounded, or None (JSON null) when not measured (NaN)
+        return None if x != x else round(x, digits)
+
+    summary = {"shape": "encoder", "batch": 1, "threads": torch.get_num_threads(),
+               "repeats": repeats, "fwd_speedup": round(r["fwd_ms"] / c["fwd_ms"], 2),
+               "bwd_speedup": round(r["fwdbwd_ms"] / c["fwdbwd_ms"], 2),
+               "peak_mem_ratio": num(c["fwdbwd_peak_mb"] / max(r["fwdbwd_peak_mb"], 1e-3), 4),
+               "fwd_peak_mem_ratio": num(c["fwd_peak_mb"] / max(r["fwd_peak_mb"], 1e-3), 4)}
+    for impl, v in (("compiled", c), ("reference", r)):
+        summary.update({f"{impl}_{k}": num(v[k], 2 if k.endswith("ms") else 1) for k in v})
     print(json.dumps(summary))
 
 

@@ -9,7 +9,8 @@ reference-point layer) come from ``SOLVER.BACKBONE_MULTIPLIER``,
 ``SOLVER.ADAMW_FUSED True`` runs torch's fused AdamW (one kernel per parameter for the whole
 update) where torch has it for the parameters' device (CPU since torch 2.4, CUDA): the same
 update up to float rounding, and on the CPU 3x faster than the per-parameter loop torch uses by
-default there (ISDA-R50's 326 tensors: 99 -> 33 ms per step, ``benchmarks/optimizer_step.py``).
+default there (ISDA-R50's 326 tensors: 99 -> 33 ms per step, measured with
+``benchmarks/optimizer_step.py``, in git history at commit 9f954e2).
 Off by default (see the key's comment in ``isda/config.py``); torch builds without it keep the
 loop.
 """

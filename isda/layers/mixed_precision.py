@@ -5,8 +5,9 @@ it is active, runs the listed submodules with autocast off and their floating-po
 to fp32 (a forward pre-hook / hook pair installed for the duration only). ISDA keeps its
 decoder, kernel heads and mask-feature head in fp32: their outputs meet in the dynamic mask
 product, a 256-term dot product whose terms largely cancel, and bf16 rounding there (relative
-2**-9 per value) moved masks of the trained nuclei model visibly (``benchmarks/bf16_agreement.py``,
-``docs/benchmarks.md``); together they are under a fifth of ISDA-R50's inference time.
+2**-9 per value) moved masks of the trained nuclei model visibly (measured with
+``benchmarks/bf16_agreement.py``, in git history at commit 9f954e2; ``docs/benchmarks.md``);
+together they are under a fifth of ISDA-R50's inference time.
 
 bf16 is only fast where oneDNN has bf16 kernels for the CPU (x86: AVX-512 or AMX); elsewhere
 (e.g. AVX2-only CPUs) torch emulates it and bf16 inference was 5.7x slower than fp32 in
