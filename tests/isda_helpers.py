@@ -66,11 +66,11 @@ def synthetic_input(h, w, num_inst=3, num_classes=3, seed=0, with_targets=True):
 
 def script_env():
     """Environment of a test file run as a script in a subprocess (``python tests/x.py``):
-    the repository on ``PYTHONPATH``, so ``import train_net`` works there and in its spawned
-    ranks, as pytest.ini's ``pythonpath`` does inside pytest."""
+    the repository and ``tests/`` on ``PYTHONPATH``, so ``import train_net`` and these helpers
+    work there and in its spawned ranks, as pytest.ini's ``pythonpath`` does inside pytest."""
     import os
 
-    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(ROOT), str(ROOT / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
