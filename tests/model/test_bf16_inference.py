@@ -11,8 +11,9 @@ accumulated over the network):
   random-init model's mask logits stay close to the threshold over wide areas (measured: mean
   0.97-0.98, min 0.90), so the per-mask bound is looser than the 0.95 that the
   trained nuclei checkpoint met (``benchmarks/bf16_agreement.py``, git history at 9f954e2);
-* the matched scores differ by at most ``SCORE_ATOL`` (absolute; scores are in [0, 1];
-  measured 6e-5);
+* the matched scores of masks non-empty in both runs differ by at most ``SCORE_ATOL``
+  (absolute; scores are in [0, 1]; measured 6e-5; a mask empty in one run has a mask score
+  that jumps at the threshold);
 * the deformable-attention module under autocast is within ``OP_RTOL`` (relative to the
   output's scale) of its float64 evaluation.
 """
@@ -52,15 +53,17 @@ def _infer(model, precision, images):
 
 
 def _match(a, b):
-    """One-to-one matching of Instances ``a`` and ``b`` (same length) on mask IoU, pairs of
-    different classes forbidden -> (index in a, index in b, IoU) arrays."""
+    """One-to-one matching of Instances ``a`` and ``b`` (same length) on mask IoU, ties broken by
+    the score gap, pairs of different classes forbidden -> (index in a, index in b, IoU)."""
     ma = a.pred_masks.flatten(1).double()
     mb = b.pred_masks.flatten(1).double()
     inter = ma @ mb.T
     union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
     same = a.pred_classes[:, None] == b.pred_classes[None]
-    cost = torch.where(same, -iou, torch.full_like(iou, 10.0)).numpy()
+    # ties on IoU (empty masks: IoU 1 with every other empty mask) go to the closest score
+    score_gap = (a.scores[:, None].double() - b.scores[None].double()).abs()
+    cost = torch.where(same, -iou + 1e-3 * score_gap, torch.full_like(iou, 10.0)).numpy()
     ia, ib = linear_sum_assignment(cost)
     assert same[ia, ib].all(), "a class has a different number of detections"
     return ia, ib, iou[ia, ib].numpy()
@@ -91,7 +94,11 @@ def test_bf16_inference_matches_fp32():
         ia, ib, iou = _match(got, want)
         assert iou.min() >= MASK_IOU_MIN, np.sort(iou)[:5]
         assert iou.mean() >= MASK_IOU_MEAN, iou.mean()
-        score_diff = (got.scores[ia] - want.scores[ib]).abs()
+        # a mask empty in one run: its mask score jumps between 0 and the mean probability of
+        # the few pixels that cross the threshold (a discontinuity, not bf16's rounding)
+        both = (got.pred_masks[ia].flatten(1).any(1) & want.pred_masks[ib].flatten(1).any(1))
+        assert both.sum() >= len(ia) // 2
+        score_diff = (got.scores[ia] - want.scores[ib]).abs()[both]
         assert float(score_diff.max()) <= SCORE_ATOL
         # not trivially equal: bf16 really ran (different rounding)
         assert not torch.equal(got.scores, want.scores)
