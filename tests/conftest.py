@@ -38,3 +38,17 @@ def module_tmp_path_factory(tmp_path_factory):
     yield factory
     for path in factory.made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def demo_logger_on_current_stdout():
+    """``demo.main()`` runs in-process in several test files; Detectron2's ``setup_logger`` is
+    cached, so the 'isda.demo' logger keeps the handler made in the first test, bound to that
+    test's captured (since closed) stdout. Each test points it at its own stdout."""
+    import logging
+    import sys
+
+    for handler in logging.getLogger("isda.demo").handlers:
+        if type(handler) is logging.StreamHandler:  # (setStream would flush the closed one)
+            handler.stream = sys.stdout
+    yield
