@@ -53,17 +53,15 @@ def _infer(model, precision, images):
 
 
 def _match(a, b):
-    """One-to-one matching of Instances ``a`` and ``b`` (same length) on mask IoU, ties broken by
-    the score gap, pairs of different classes forbidden -> (index in a, index in b, IoU)."""
+    """One-to-one matching of Instances ``a`` and ``b`` (same length) on mask IoU, pairs of
+    different classes forbidden -> (index in a, index in b, IoU) arrays."""
     ma = a.pred_masks.flatten(1).double()
     mb = b.pred_masks.flatten(1).double()
     inter = ma @ mb.T
     union = ma.sum(1)[:, None] + mb.sum(1)[None] - inter
     iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
     same = a.pred_classes[:, None] == b.pred_classes[None]
-    # ties on IoU (empty masks: IoU 1 with every other empty mask) go to the closest score
-    score_gap = (a.scores[:, None].double() - b.scores[None].double()).abs()
-    cost = torch.where(same, -iou + 1e-3 * score_gap, torch.full_like(iou, 10.0)).numpy()
+    cost = torch.where(same, -iou, torch.full_like(iou, 10.0)).numpy()
     ia, ib = linear_sum_assignment(cost)
     assert same[ia, ib].all(), "a class has a different number of detections"
     return ia, ib, iou[ia, ib].numpy()
